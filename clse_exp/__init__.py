@@ -1,0 +1,1 @@
+"""clse-exp: config-driven experiments for training-free visual-token pruning."""
