@@ -1,0 +1,82 @@
+"""Model families behind one loader: hub ids and local paths on clusters, tiny offline builds here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from clse_exp.config import validate_model
+from clse_exp.models.base import LoadedModel, ModelAdapter, VisualSegment
+from clse_exp.models.llava import LlavaAdapter, VideoLlavaAdapter
+from clse_exp.models.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+
+__all__ = ["LoadedModel", "ModelAdapter", "VisualSegment", "ADAPTERS", "load", "resolve_device", "resolve_dtype"]
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    cls.family: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaAdapter, VideoLlavaAdapter)
+}
+
+_CACHE: dict[tuple, LoadedModel] = {}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _model_class(family: str) -> type:
+    import transformers
+
+    names = {
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+        "llava": "LlavaForConditionalGeneration",
+        "video_llava": "VideoLlavaForConditionalGeneration",
+    }
+    return getattr(transformers, names[family])
+
+
+def _load_pretrained(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoProcessor
+
+    processor_kwargs = {k: cfg[k] for k in ("min_pixels", "max_pixels") if cfg.get(k) is not None}
+    processor = AutoProcessor.from_pretrained(cfg.path, **processor_kwargs)
+    model = _model_class(cfg.family).from_pretrained(
+        cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation, device_map=str(device)
+    )
+    return model.eval(), processor
+
+
+def _build_tiny(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    from clse_exp.models.tiny import TINY_BUILDERS
+
+    spec = OmegaConf.to_container(cfg.tiny, resolve=True)
+    spec.update(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    model, processor = TINY_BUILDERS[cfg.family](spec, cfg.family)
+    model.set_attn_implementation(cfg.attn_implementation)
+    return model.to(device=device, dtype=dtype), processor
+
+
+def load(cfg: DictConfig | dict, device: str | torch.device = "auto") -> LoadedModel:
+    """Load (or reuse from this process) the model named by a `conf/model` config."""
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    validate_model(cfg)
+    device = resolve_device(device) if isinstance(device, str) else device
+    dtype = resolve_dtype(cfg.dtype, device)
+    key = (cfg.name, cfg.path, str(dtype), cfg.attn_implementation, str(device),
+           str(OmegaConf.to_container(cfg.tiny)) if cfg.tiny is not None else None)
+    if key not in _CACHE:
+        build = _load_pretrained if cfg.path is not None else _build_tiny
+        model, processor = build(cfg, device, dtype)
+        _CACHE[key] = LoadedModel(cfg.name, model, processor, ADAPTERS[cfg.family](),
+                                  OmegaConf.to_container(cfg, resolve=True))
+    return _CACHE[key]

@@ -1,0 +1,105 @@
+"""What every model family exposes to the runner and the pruning engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from clse_exp.data.sample import Sample
+
+
+@dataclass(frozen=True)
+class VisualSegment:
+    """One image (or one video) inside a prompt: where its tokens sit and how they are laid out.
+
+    `start` indexes the (padded) input sequence; the segment covers `t * h * w` consecutive tokens,
+    laid out row-major as frame, row, column, exactly as the LLM sees them (after Qwen's 2x2 merge).
+    """
+
+    start: int
+    t: int
+    h: int
+    w: int
+    kind: str = "image"
+
+    @property
+    def length(self) -> int:
+        return self.t * self.h * self.w
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (self.t, self.h, self.w)
+
+
+@dataclass
+class LoadedModel:
+    """A model, its processor and the adapter that knows the family's layout."""
+
+    name: str
+    model: nn.Module
+    processor: Any
+    adapter: ModelAdapter
+    cfg: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter.decoder_layers(self.model))
+
+    def prepare(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        """Batch `samples` into model inputs (left padding), on the model's device."""
+        return self.adapter.prepare_inputs(self.processor, samples, self.device)
+
+
+class ModelAdapter:
+    """Family-specific knowledge: where the decoder layers are and where the visual tokens sit."""
+
+    family: str = ""
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        """The LLM decoder stack (the module whose forward builds masks and rotary embeddings)."""
+        return model.model.language_model
+
+    def multimodal_model(self, model: nn.Module) -> nn.Module:
+        """The module that receives `input_ids` and grids at every forward call."""
+        return model.model
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.text_model(model).layers
+
+    def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
+        """Placeholder token ids, by kind ("image", "video")."""
+        raise NotImplementedError
+
+    def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, **grids: Any) -> list[list[VisualSegment]]:
+        """Per sample, the visual segments of the prompt, in order."""
+        raise NotImplementedError
+
+    def build_messages(self, sample: Sample) -> list[dict]:
+        """The chat for one sample: the images (or video) first, then the question."""
+        content: list[dict] = [{"type": "image"} for _ in sample.images]
+        if sample.video is not None:
+            content.append({"type": "video"})
+        content.append({"type": "text", "text": sample.question})
+        return [{"role": "user", "content": content}]
+
+    def prepare_inputs(self, processor: Any, samples: list[Sample], device: torch.device) -> dict:
+        raise NotImplementedError
+
+
+def runs_of(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
+    """Maximal runs `(start, length)` of `token_id` in a 1-D id sequence."""
+    hits = (ids == token_id).nonzero().flatten().tolist()
+    runs: list[tuple[int, int]] = []
+    for pos in hits:
+        if runs and runs[-1][0] + runs[-1][1] == pos:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((pos, 1))
+    return runs

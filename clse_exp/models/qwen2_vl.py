@@ -1,0 +1,65 @@
+"""Qwen2-VL and Qwen2.5-VL: M-RoPE decoders whose visual tokens follow a 2x2-merged patch grid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from clse_exp.data.sample import Sample
+from clse_exp.models.base import ModelAdapter, VisualSegment, runs_of
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    family = "qwen2_vl"
+
+    def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
+        return {"image": model.config.image_token_id, "video": model.config.video_token_id}
+
+    def visual_layout(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        image_grid_thw: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        **_: Any,
+    ) -> list[list[VisualSegment]]:
+        merge = model.config.vision_config.spatial_merge_size
+        grids = {
+            "image": iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+            "video": iter(video_grid_thw.tolist() if video_grid_thw is not None else []),
+        }
+        layout = []
+        for ids in input_ids:
+            segments = []
+            for kind, token_id in self.visual_token_ids(model).items():
+                for start, length in runs_of(ids, token_id):
+                    t, h, w = next(grids[kind])
+                    segment = VisualSegment(start, t, h // merge, w // merge, kind)
+                    if segment.length != length:
+                        raise ValueError(
+                            f"{kind} grid {(t, h, w)} implies {segment.length} tokens but the prompt has {length}"
+                        )
+                    segments.append(segment)
+            layout.append(sorted(segments, key=lambda s: s.start))
+        return layout
+
+    def prepare_inputs(self, processor: Any, samples: list[Sample], device: torch.device) -> dict:
+        texts = [
+            processor.apply_chat_template(self.build_messages(s), tokenize=False, add_generation_prompt=True)
+            for s in samples
+        ]
+        images = [list(s.images) for s in samples]
+        videos = [s.video for s in samples if s.video is not None]
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        if any(images):
+            kwargs["images"] = [img for per_sample in images for img in per_sample]
+        if videos:
+            kwargs["videos"] = videos
+        processor.tokenizer.padding_side = "left"
+        return processor(**kwargs).to(device)
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 - the family's own spelling
+    family = "qwen2_5_vl"

@@ -1,0 +1,151 @@
+"""The one orchestration module of a run: model -> batches -> pruned generation -> scores -> files."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from clse_exp import models
+from clse_exp.config import validate_run
+from clse_exp.data import Sample, load_samples
+from clse_exp.metrics import score
+from clse_exp.metrics.fidelity import first_token_kl
+from clse_exp.metrics.synthetic import normalize_answer
+from clse_exp.pruning.build import build_pruner
+from clse_exp.tracking.environment import environment
+from clse_exp.tracking.local import LocalSink
+
+console = Console(stderr=True)
+
+
+def batched(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def generate(loaded: models.LoadedModel, inputs: dict, max_new_tokens: int, pruner: Any = None) -> Any:
+    """Greedy generation, pruned when `pruner` is given; returns sequences and per-step logits."""
+    tokenizer = loaded.processor.tokenizer
+    with torch.inference_mode(), (pruner.attach(loaded.model) if pruner is not None else nullcontext()):
+        return loaded.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, output_scores=True,
+            return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            temperature=None, top_p=None, top_k=None,
+        )
+
+
+def decode(loaded: models.LoadedModel, sequences: torch.Tensor, prompt_length: int) -> list[str]:
+    texts = loaded.processor.tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens: int, pruner: Any,
+                 reference: bool) -> list[dict]:
+    """One record per sample: the pruned answer, and when asked the unpruned one and their first-token KL."""
+    inputs = loaded.prepare(batch)
+    prompt_length = inputs["input_ids"].shape[1]
+    start = time.perf_counter()
+    out = generate(loaded, inputs, max_new_tokens, pruner)
+    elapsed = time.perf_counter() - start
+    predictions = decode(loaded, out.sequences, prompt_length)
+    trace = pruner.trace_records(len(batch)) if pruner is not None else [{} for _ in batch]
+    ref_out = out
+    if reference and pruner is not None:
+        ref_out = generate(loaded, inputs, max_new_tokens)
+    ref_predictions = decode(loaded, ref_out.sequences, prompt_length)
+    kl = first_token_kl(ref_out.scores[0], out.scores[0]).tolist()
+    records = []
+    for i, sample in enumerate(batch):
+        record = {
+            "id": sample.id,
+            "question": sample.question,
+            "answer": sample.answer,
+            "prediction": predictions[i],
+            "correct": bool(sample.answer) and normalize_answer(predictions[i]) == normalize_answer(sample.answer),
+            "prompt_tokens": int(inputs["attention_mask"][i].sum()),
+            "batch_time_s": elapsed,
+            "doc": {"answer": sample.answer, **sample.meta},
+            **trace[i],
+        }
+        if reference:
+            record.update(reference_prediction=ref_predictions[i], agree=ref_predictions[i] == predictions[i],
+                          first_token_kl=kl[i])
+        records.append(record)
+    return records
+
+
+def summarize(cfg: DictConfig, records: list[dict], task: str, env: dict, timings: dict) -> dict:
+    metrics = score(task, [r["doc"] for r in records], [r["prediction"] for r in records]) if records else {}
+    fidelity = {}
+    if records and "agree" in records[0]:
+        fidelity = {
+            "agreement": sum(r["agree"] for r in records) / len(records),
+            "first_token_kl": sum(r["first_token_kl"] for r in records) / len(records),
+        }
+    retention = {}
+    if records and "retention" in records[0]:
+        retention = {k: sum(r["retention"][k] for r in records) / len(records) for k in records[0]["retention"]}
+    return {
+        "task": task,
+        "n_samples": len(records),
+        "metrics": {**metrics, **fidelity},
+        "retention": retention,
+        "timings": timings,
+        "environment": env,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def results_table(summary: dict, run_dir: Path) -> Table:
+    cfg = summary["config"]
+    table = Table(title=f"{cfg['model']['name']} | prune={cfg['prune']['name']} | keep={cfg['keep']} | "
+                        f"{summary['task']} ({summary['n_samples']} samples)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = {**summary["metrics"], **{f"retention_{k}": v for k, v in summary["retention"].items()}}
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    table.caption = f"results in {run_dir}"
+    return table
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run (or resume) one config into `run_dir`; returns the summary also written to summary.json."""
+    validate_run(cfg)
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    loaded = models.load(cfg.model, cfg.device)
+    load_s = time.perf_counter() - started
+    pruner = build_pruner(cfg, loaded)
+    samples = load_samples(cfg.dataset)
+    sink = LocalSink(run_dir)
+    done = sink.done_ids()
+    todo = [s for s in samples if s.id not in done]
+    task = cfg.dataset.get("task") or cfg.dataset.name
+    generate_s = 0.0
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task(f"{task} ({len(done)} already done)", total=len(todo))
+        for batch in batched(todo, cfg.batch_size):
+            t0 = time.perf_counter()
+            for record in answer_batch(loaded, batch, cfg.dataset.max_new_tokens, pruner, cfg.eval.reference):
+                sink.append(record)
+            generate_s += time.perf_counter() - t0
+            progress.advance(bar, len(batch))
+    wanted = {s.id for s in samples}
+    records = [r for r in sink.records if r["id"] in wanted]
+    timings = {"load_s": load_s, "answer_s_this_session": generate_s, "samples_this_session": len(todo),
+               "resumed_from": len(done)}
+    summary = summarize(cfg, records, task, environment(loaded.device), timings)
+    sink.write_summary(summary)
+    Console().print(results_table(summary, Path(run_dir)))
+    return summary
