@@ -50,6 +50,7 @@ class ModelConfig:
     max_pixels: int | None = None
     tiny: TinySpec | None = None
     paper_layers: PaperLayers = field(default_factory=PaperLayers)
+    pdrop_layers: list[int] = field(default_factory=list)
 
 
 @dataclass

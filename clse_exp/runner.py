@@ -57,7 +57,7 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
     out = generate(loaded, inputs, max_new_tokens, pruner)
     elapsed = time.perf_counter() - start
     predictions = decode(loaded, out.sequences, prompt_length)
-    trace = pruner.trace_records(len(batch)) if pruner is not None else [{} for _ in batch]
+    trace = pruner.trace_records() if pruner is not None else [{} for _ in batch]
     ref_out = out
     if reference and pruner is not None:
         ref_out = generate(loaded, inputs, max_new_tokens)

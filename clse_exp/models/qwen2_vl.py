@@ -23,23 +23,31 @@ class Qwen2VLAdapter(ModelAdapter):
         input_ids: torch.Tensor,
         image_grid_thw: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         **_: Any,
     ) -> list[list[VisualSegment]]:
+        """Grids come from `*_grid_thw` when given; generate() passes only the M-RoPE position ids
+        (the grids were consumed by the vision encoder), from which each run's (T, H, W) is read."""
         merge = model.config.vision_config.spatial_merge_size
         grids = {
             "image": iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
             "video": iter(video_grid_thw.tolist() if video_grid_thw is not None else []),
         }
         layout = []
-        for ids in input_ids:
+        for b, ids in enumerate(input_ids):
             segments = []
             for kind, token_id in self.visual_token_ids(model).items():
                 for start, length in runs_of(ids, token_id):
-                    t, h, w = next(grids[kind])
-                    segment = VisualSegment(start, t, h // merge, w // merge, kind)
+                    grid = next(grids[kind], None)
+                    if grid is not None:
+                        segment = VisualSegment(start, grid[0], grid[1] // merge, grid[2] // merge, kind)
+                    elif position_ids is not None:
+                        segment = _segment_from_positions(position_ids[-3:, b, start : start + length], start, kind)
+                    else:
+                        raise ValueError(f"{kind} tokens at {start} have no grid: pass {kind}_grid_thw")
                     if segment.length != length:
                         raise ValueError(
-                            f"{kind} grid {(t, h, w)} implies {segment.length} tokens but the prompt has {length}"
+                            f"{kind} grid {segment.grid} implies {segment.length} tokens but the prompt has {length}"
                         )
                     segments.append(segment)
             layout.append(sorted(segments, key=lambda s: s.start))
@@ -63,3 +71,10 @@ class Qwen2VLAdapter(ModelAdapter):
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 - the family's own spelling
     family = "qwen2_5_vl"
+
+
+def _segment_from_positions(positions: torch.Tensor, start: int, kind: str) -> VisualSegment:
+    """A run's grid from its M-RoPE ids [3, n]: rows and columns count the distinct h and w positions."""
+    height = int(positions[1].max() - positions[1].min()) + 1
+    width = int(positions[2].max() - positions[2].min()) + 1
+    return VisualSegment(start, positions.shape[1] // (height * width), height, width, kind)
