@@ -183,11 +183,11 @@ class Pruner:
         kwargs["attention_mask"] = None  # every layer gets the engine's own mask (see _layer_hook)
         return args, kwargs
 
-    def _after_text_model(self, _module: nn.Module, _args: tuple, kwargs: dict, _output: Any) -> None:
+    def _after_text_model(self, _module: nn.Module, _args: tuple, kwargs: dict, output: Any) -> None:
         state = self._state
         if state is None or state.decoding:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = getattr(output, "past_key_values", None) or kwargs.get("past_key_values")
         if self.kv_policy == "crop" and cache is not None:
             _crop_cache(cache, state)
         state.layer_inputs.clear()
