@@ -36,7 +36,8 @@ def load_model(name_or_cfg: str | dict | DictConfig, device: str = "auto") -> mo
     if isinstance(name_or_cfg, str):
         if name_or_cfg not in group_options("model"):
             raise ConfigError(f"model={name_or_cfg!r} is not valid; choose one of: {', '.join(group_options('model'))}")
-        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / f"{name_or_cfg}.yaml"))
+        path = CONF_DIR / "model" / f"{name_or_cfg}.yaml"
+        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
     else:
         cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), name_or_cfg)
     return models.load(cfg, device)

@@ -19,7 +19,9 @@ def noise_image(seed: int, size: int = 224) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-def samples(n: int = 3, images_per_sample: tuple[int, ...] = (1, 2, 1), sizes: tuple[int, ...] = (224,)) -> list[Sample]:
+def samples(
+    n: int = 3, images_per_sample: tuple[int, ...] = (1, 2, 1), sizes: tuple[int, ...] = (224,)
+) -> list[Sample]:
     """n samples with different prompt lengths, image counts and (optionally) image sizes."""
     out = []
     for i in range(n):

@@ -49,7 +49,7 @@ class FrameVideoProcessor:
         return patches.reshape(grid_t * grid_h * grid_w, channels * tp * ps * ps), [grid_t, grid_h, grid_w]
 
     def __call__(self, videos: list[list[Image.Image]], return_tensors: str | None = "pt", **_: Any) -> BatchFeature:
-        patches, grids = zip(*(self._patchify(self._frames_array(list(v))) for v in videos))
+        patches, grids = zip(*(self._patchify(self._frames_array(list(v))) for v in videos), strict=True)
         data = {"pixel_values_videos": np.concatenate(patches), "video_grid_thw": np.asarray(grids, dtype=np.int64)}
         features = BatchFeature(data=data, tensor_type=return_tensors)
         features["video_metadata"] = [SimpleNamespace(sampled_fps=self.fps) for _ in videos]
