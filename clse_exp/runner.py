@@ -19,6 +19,7 @@ from clse_exp.config import validate_run
 from clse_exp.data import Sample, load_samples
 from clse_exp.metrics import score
 from clse_exp.metrics.fidelity import first_token_kl
+from clse_exp.metrics.positions import positional_summary
 from clse_exp.metrics.synthetic import normalize_answer
 from clse_exp.pruning.build import build_pruner
 from clse_exp.tracking.environment import environment
@@ -94,6 +95,8 @@ def summarize(cfg: DictConfig, records: list[dict], task: str, env: dict, timing
     retention = {}
     if records and "retention" in records[0]:
         retention = {k: sum(r["retention"][k] for r in records) / len(records) for k in records[0]["retention"]}
+        retention["visual_tokens_in"] = sum(r["n_visual"] for r in records) / len(records)
+        retention.update(positional_summary(records))
     return {
         "task": task,
         "n_samples": len(records),
@@ -111,7 +114,8 @@ def results_table(summary: dict, run_dir: Path) -> Table:
                         f"{summary['task']} ({summary['n_samples']} samples)")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    rows = {**summary["metrics"], **{f"retention_{k}": v for k, v in summary["retention"].items()}}
+    retention = {k: v for k, v in summary["retention"].items() if not isinstance(v, list)}
+    rows = {**summary["metrics"], **{f"retention_{k}": v for k, v in retention.items()}}
     for key, value in rows.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     table.caption = f"results in {run_dir}"
