@@ -37,7 +37,7 @@ def test_default_run_writes_predictions_and_summary(tmp_path):
 
 def test_every_method_runs_from_the_cli(tmp_path):
     methods = ",".join(group_options("prune"))
-    result = subprocess.run(cli("-m", f"prune={methods}", "keep=0.1", "dataset.limit=3",
+    result = subprocess.run(cli("-m", f"prune={methods}", "keep=0.3", "dataset.limit=3",
                                 f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${prune.name}"),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -45,9 +45,17 @@ def test_every_method_runs_from_the_cli(tmp_path):
         summary = json.loads((tmp_path / method / "summary.json").read_text())
         assert summary["n_samples"] == 3
         if method != "none":
-            assert summary["retention"]["average"] < 0.5
+            assert abs(summary["retention"]["average"] - 0.3) < 0.02
             record = read_predictions(tmp_path / method)[0]
             assert len(record["kept"]) < record["n_visual"]
+
+
+def test_clse_and_fastv_reach_keep_0_1(tmp_path):
+    result = subprocess.run(cli("-m", "prune=clse,fastv", "keep=0.1", "dataset.limit=2", f"hydra.sweep.dir={tmp_path}",
+                                "hydra.sweep.subdir=${prune.name}"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for method in ("clse", "fastv"):
+        assert abs(json.loads((tmp_path / method / "summary.json").read_text())["retention"]["average"] - 0.1) < 0.01
 
 
 def test_sigkilled_run_resumes_with_every_sample_once(tmp_path):

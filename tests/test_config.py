@@ -46,7 +46,7 @@ BAD_INPUTS = [
     (("batch_size=0",), ("batch_size=0", ">= 1")),
     (("dataset.limit=-2",), ("dataset.limit=-2", ">= 0")),
     (("dataset.split=dev",), ("dev", "train, validation, test")),
-    (("prune=clse", "layers=single", "layers.prune_layers=[40]"), ("40", "0..7")),
+    (("prune=clse", "layers=single", "layers.prune_layers=[40]"), ("40", "0..27")),
     (("prune=clse", "layers=single", "layers.reference_layer=5", "layers.prune_layers=[2]"),
      ("reference_layer=5", "prune layer 2")),
     (("model=qwen2vl", "model.path=/no/such/model"), ("/no/such/model", "hub id")),
@@ -56,7 +56,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("overrides", "expected"), BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
 def test_bad_input_is_one_clear_line(overrides, expected, tmp_path):
-    result = run_cli(*overrides, f"hydra.run.dir={tmp_path}", "dataset.limit=1")
+    result = run_cli(f"hydra.run.dir={tmp_path}", "dataset.limit=1", *overrides)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     for fragment in expected:

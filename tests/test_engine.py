@@ -232,7 +232,7 @@ def test_layers_beyond_depth_are_refused():
     from clse_exp.errors import ConfigError
 
     loaded = model_with("tiny_qwen2vl")
-    pruner = make_pruner("fastv", keep=0.3, prune_layers=[12])
-    with pytest.raises(ConfigError, match="12"):
+    pruner = make_pruner("fastv", keep=0.3, prune_layers=[40])
+    with pytest.raises(ConfigError, match="40"):
         with pruner.attach(loaded.model):
             pass

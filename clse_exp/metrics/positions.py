@@ -18,7 +18,7 @@ def kept_coordinates(kept: Iterable[int], grids: list[list[int]]) -> np.ndarray:
     offsets = np.cumsum([0, *sizes])
     kept = np.asarray(sorted(kept), dtype=np.int64)
     coords = np.zeros((len(kept), 2))
-    for (t, h, w), start, stop in zip(grids, offsets[:-1], offsets[1:], strict=True):
+    for (_, h, w), start, stop in zip(grids, offsets[:-1], offsets[1:], strict=True):
         inside = (kept >= start) & (kept < stop)
         local = (kept[inside] - start) % (h * w)
         coords[inside, 0] = (local // w) / max(h - 1, 1)
