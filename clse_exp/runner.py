@@ -17,6 +17,7 @@ from rich.table import Table
 from clse_exp import models
 from clse_exp.config import validate_run
 from clse_exp.data import Sample, load_samples
+from clse_exp.efficiency.accounting import run_costs, sample_costs
 from clse_exp.metrics import score
 from clse_exp.metrics.fidelity import first_token_kl
 from clse_exp.metrics.positions import positional_summary
@@ -76,6 +77,8 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
             "batch_time_s": elapsed,
             "doc": {"answer": sample.answer, **sample.meta},
             **trace[i],
+            **sample_costs(loaded.model.config, int(inputs["attention_mask"][i].sum()), trace[i],
+                           pruner.kv_policy if pruner is not None else "ragged", loaded.model.dtype),
         }
         if reference:
             record.update(reference_prediction=ref_predictions[i], agree=ref_predictions[i] == predictions[i],
@@ -102,6 +105,7 @@ def summarize(cfg: DictConfig, records: list[dict], task: str, env: dict, timing
         "n_samples": len(records),
         "metrics": {**metrics, **fidelity},
         "retention": retention,
+        "efficiency": run_costs(records),
         "timings": timings,
         "environment": env,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -115,9 +119,9 @@ def results_table(summary: dict, run_dir: Path) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     retention = {k: v for k, v in summary["retention"].items() if not isinstance(v, list)}
-    rows = {**summary["metrics"], **{f"retention_{k}": v for k, v in retention.items()}}
+    rows = {**summary["metrics"], **{f"retention_{k}": v for k, v in retention.items()}, **summary["efficiency"]}
     for key, value in rows.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     table.caption = f"results in {run_dir}"
     return table
 
