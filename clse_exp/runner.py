@@ -18,6 +18,8 @@ from clse_exp import models
 from clse_exp.config import validate_run
 from clse_exp.data import Sample, load_samples
 from clse_exp.efficiency.accounting import run_costs, sample_costs
+from clse_exp.efficiency.memory import peak_memory_bytes, reset_peak
+from clse_exp.efficiency.timing import GenerationTimer
 from clse_exp.metrics import score
 from clse_exp.metrics.fidelity import first_token_kl
 from clse_exp.metrics.positions import positional_summary
@@ -34,10 +36,12 @@ def batched(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def generate(loaded: models.LoadedModel, inputs: dict, max_new_tokens: int, pruner: Any = None) -> Any:
+def generate(loaded: models.LoadedModel, inputs: dict, max_new_tokens: int, pruner: Any = None,
+             timer: GenerationTimer | None = None) -> Any:
     """Greedy generation, pruned when `pruner` is given; returns sequences and per-step logits."""
     tokenizer = loaded.processor.tokenizer
-    with torch.inference_mode(), (pruner.attach(loaded.model) if pruner is not None else nullcontext()):
+    with (torch.inference_mode(), (pruner.attach(loaded.model) if pruner is not None else nullcontext()),
+          timer or nullcontext()):
         return loaded.model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, output_scores=True,
             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -55,9 +59,11 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
     """One record per sample: the pruned answer, and when asked the unpruned one and their first-token KL."""
     inputs = loaded.prepare(batch)
     prompt_length = inputs["input_ids"].shape[1]
-    start = time.perf_counter()
-    out = generate(loaded, inputs, max_new_tokens, pruner)
-    elapsed = time.perf_counter() - start
+    timer = GenerationTimer(loaded.model, loaded.adapter.vision_tower(loaded.model), loaded.device)
+    out = generate(loaded, inputs, max_new_tokens, pruner, timer)
+    timings = {"vision_s": timer.vision_s, "prefill_s": timer.prefill_s,
+               "decode_s_per_token": timer.decode_s_per_token,
+               "scoring_s": pruner.stage_seconds if pruner is not None else 0.0}
     predictions = decode(loaded, out.sequences, prompt_length)
     trace = pruner.trace_records() if pruner is not None else [{} for _ in batch]
     ref_out = out
@@ -74,7 +80,8 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
             "prediction": predictions[i],
             "correct": bool(sample.answer) and normalize_answer(predictions[i]) == normalize_answer(sample.answer),
             "prompt_tokens": int(inputs["attention_mask"][i].sum()),
-            "batch_time_s": elapsed,
+            "batch_size": len(batch),
+            "batch_timings": timings,
             "doc": {"answer": sample.answer, **sample.meta},
             **trace[i],
             **sample_costs(loaded.model.config, int(inputs["attention_mask"][i].sum()), trace[i],
@@ -100,12 +107,15 @@ def summarize(cfg: DictConfig, records: list[dict], task: str, env: dict, timing
         retention = {k: sum(r["retention"][k] for r in records) / len(records) for k in records[0]["retention"]}
         retention["visual_tokens_in"] = sum(r["n_visual"] for r in records) / len(records)
         retention.update(positional_summary(records))
+    batch_timings = [r["batch_timings"] for r in records if "batch_timings" in r]
+    measured = {f"mean_batch_{k}": sum(t[k] for t in batch_timings) / len(batch_timings)
+                for k in (batch_timings[0] if batch_timings else {})}
     return {
         "task": task,
         "n_samples": len(records),
         "metrics": {**metrics, **fidelity},
         "retention": retention,
-        "efficiency": run_costs(records),
+        "efficiency": {**run_costs(records), **measured},
         "timings": timings,
         "environment": env,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -135,6 +145,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     load_s = time.perf_counter() - started
     pruner = build_pruner(cfg, loaded)
     samples = load_samples(cfg.dataset)
+    reset_peak(loaded.device)
     sink = LocalSink(run_dir)
     done = sink.done_ids()
     todo = [s for s in samples if s.id not in done]
@@ -152,7 +163,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     wanted = {s.id for s in samples}
     records = [r for r in sink.records if r["id"] in wanted]
     timings = {"load_s": load_s, "answer_s_this_session": generate_s, "samples_this_session": len(todo),
-               "resumed_from": len(done)}
+               "resumed_from": len(done), "peak_memory_bytes": peak_memory_bytes(loaded.device),
+               "batch_size": cfg.batch_size, "dtype": str(loaded.model.dtype),
+               "attn_implementation": loaded.model.config._attn_implementation}
     summary = summarize(cfg, records, task, environment(loaded.device), timings)
     sink.write_summary(summary)
     Console().print(results_table(summary, Path(run_dir)))

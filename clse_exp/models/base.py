@@ -73,6 +73,10 @@ class ModelAdapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self.text_model(model).layers
 
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        """The vision encoder (timed separately from the LLM prefill)."""
+        return model.model.vision_tower
+
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         """Placeholder token ids, by kind ("image", "video")."""
         raise NotImplementedError

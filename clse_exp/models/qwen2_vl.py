@@ -17,6 +17,9 @@ class Qwen2VLAdapter(ModelAdapter):
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         return {"image": model.config.image_token_id, "video": model.config.video_token_id}
 
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.visual
+
     def visual_layout(
         self,
         model: nn.Module,

@@ -8,6 +8,7 @@ builds itself from the slots each layer holds, and the KV cache (`ragged` or `cr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,13 +68,13 @@ class Pruner:
 
     def __init__(self, method: Any, prune_layers: Sequence[int], reference_layer: int = 0, keep: float = 1.0,
                  budget: str = "average", schedule: str = "auto", shape: Sequence[float] | None = None,
-                 kv_policy: str = "ragged", seed: int = 0) -> None:
+                 kv_policy: str = "ragged", seed: int = 0, time_stages: bool = False) -> None:
         if kv_policy not in KV_POLICIES:
             raise ConfigError(f"kv_policy={kv_policy!r} is not valid; choose one of: {', '.join(KV_POLICIES)}")
         self.method, self.prune_layers, self.reference_layer = method, list(prune_layers), reference_layer
         self.keep, self.budget, self.schedule = keep, budget, schedule
         self.shape = list(shape) if shape is not None else None
-        self.kv_policy, self.seed = kv_policy, seed
+        self.kv_policy, self.seed, self.time_stages = kv_policy, seed, time_stages
         self.num_layers: int | None = None
         self._state: _Prefill | None = None
         self._last: _Prefill | None = None
@@ -120,6 +121,11 @@ class Pruner:
     def trace(self) -> list[dict]:
         """Per stage of the last prefill: layer, per-sample budget, per-sample kept ORIGINAL visual indices."""
         return self._last.trace if self._last is not None else []
+
+    @property
+    def stage_seconds(self) -> float:
+        """Wall time spent scoring and cutting in the last prefill."""
+        return sum(stage.get("seconds", 0.0) for stage in self.trace)
 
     def layer_visual_counts(self) -> list[list[int]]:
         """Per sample, how many visual tokens each decoder layer processed in the last prefill."""
@@ -229,6 +235,19 @@ class Pruner:
 
     def _run_stage(self, state: _Prefill, layer: int, stage_index: int, hidden: torch.Tensor,
                    layers: nn.ModuleList, norm: nn.Module) -> torch.Tensor:
+        """Select, shrink the slots, gather hidden states; the stage's wall time goes into the trace
+        (synchronized on CUDA when `time_stages`, so the benchmark's overhead numbers are real)."""
+        if self.time_stages and hidden.is_cuda:
+            torch.cuda.synchronize(hidden.device)
+        started = time.perf_counter()
+        hidden = self._select_and_shrink(state, layer, stage_index, hidden, layers, norm)
+        if self.time_stages and hidden.is_cuda:
+            torch.cuda.synchronize(hidden.device)
+        state.trace[-1]["seconds"] = time.perf_counter() - started
+        return hidden
+
+    def _select_and_shrink(self, state: _Prefill, layer: int, stage_index: int, hidden: torch.Tensor,
+                           layers: nn.ModuleList, norm: nn.Module) -> torch.Tensor:
         is_visual = state.slots.gather(state.visual_rank) >= 0
         is_visual &= state.slots.valid
         ctx = StageContext(
