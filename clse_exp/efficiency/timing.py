@@ -61,9 +61,11 @@ class GenerationTimer:
                 self.handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
         return self
 
-    def __exit__(self, *_: Any) -> None:
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
         for handle in self.handles:
             handle.remove()
+        if exc_type is not None:  # a failed call leaves open spans; let its error through
+            return
         seconds = {name: [self.clock.seconds(s, e) for s, e in spans] for name, spans in self.spans.items()}
         self.vision_s = sum(seconds["vision"])
         forwards = seconds["forward"]
