@@ -49,6 +49,7 @@ class ModelConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
     tiny: TinySpec | None = None
+    weights: str | None = None  # safetensors for the tiny build (relative to the clse_exp package, or absolute)
     paper_layers: PaperLayers = field(default_factory=PaperLayers)
     pdrop_layers: list[int] = field(default_factory=list)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
 }
 
 _CACHE: dict[tuple, LoadedModel] = {}
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -62,6 +64,11 @@ def _build_tiny(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[tor
     spec = OmegaConf.to_container(cfg.tiny, resolve=True)
     spec.update(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     model, processor = TINY_BUILDERS[cfg.family](spec, cfg.family)
+    if cfg.get("weights"):
+        from safetensors.torch import load_file
+
+        path = Path(cfg.weights) if Path(cfg.weights).is_absolute() else PACKAGE_DIR / cfg.weights
+        model.load_state_dict({k: v.float() for k, v in load_file(path).items()})
     model.set_attn_implementation(cfg.attn_implementation)
     return model.to(device=device, dtype=dtype), processor
 
@@ -72,7 +79,7 @@ def load(cfg: DictConfig | dict, device: str | torch.device = "auto") -> LoadedM
     validate_model(cfg)
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(cfg.dtype, device)
-    key = (cfg.name, cfg.path, str(dtype), cfg.attn_implementation, str(device),
+    key = (cfg.name, cfg.path, cfg.get("weights"), str(dtype), cfg.attn_implementation, str(device),
            str(OmegaConf.to_container(cfg.tiny)) if cfg.tiny is not None else None)
     if key not in _CACHE:
         build = _load_pretrained if cfg.path is not None else _build_tiny
