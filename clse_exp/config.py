@@ -62,19 +62,44 @@ class LayersConfig:
 
 
 @dataclass
+class ImagesFrom:
+    """Images kept in another config of the same repo (GQA), joined on a key column."""
+
+    hf_config: str = MISSING
+    split: str = MISSING
+    id_column: str = "id"
+    key_column: str = MISSING
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING
-    loader: str = MISSING
+    loader: str = MISSING  # synthetic | hf
+    task: str | None = None  # scorer (clse_exp.metrics); defaults to `name`
     split: str = MISSING
     splits: list[str] = field(default_factory=list)
-    limit: int | None = None
-    path: str | None = None
+    limit: int | None = None  # first N (synthetic) or a seeded random N (benchmarks)
+    subsample_seed: int = 0
+    path: str | None = None  # a local copy (snapshot dir or parquet files) instead of the hub
     max_new_tokens: int = 16
+    # hf loader
+    hf_id: str | None = None  # the id the papers used (lmms-lab/...)
+    hf_id_2026: str | None = None  # the same data after lmms-eval's 2026-07 org rename
+    hf_config: str | None = None
+    data_files: Any = None
+    prompt: str | None = None  # clse_exp.data.prompts
+    image_column: str | None = "image"
+    answer_column: str | None = "answer"
+    images_from: ImagesFrom | None = None
+    video_column: str | None = None
+    video_root: str | None = None
+    # synthetic generator (and frames per video for the hf loader)
     size: int = 48
     variant: str = "image"
     image_size: int = 224
     grid: int = 3
     num_frames: int = 4
+    qtypes: list[str] | None = None
 
 
 @dataclass

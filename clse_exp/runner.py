@@ -144,7 +144,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     loaded = models.load(cfg.model, cfg.device)
     load_s = time.perf_counter() - started
     pruner = build_pruner(cfg, loaded)
-    samples = load_samples(cfg.dataset)
+    samples, skipped = load_samples(cfg.dataset)
     reset_peak(loaded.device)
     sink = LocalSink(run_dir)
     done = sink.done_ids()
@@ -167,6 +167,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                "batch_size": cfg.batch_size, "dtype": str(loaded.model.dtype),
                "attn_implementation": loaded.model.config._attn_implementation}
     summary = summarize(cfg, records, task, environment(loaded.device), timings)
+    summary["skipped"] = {"count": len(skipped), "samples": skipped}
     sink.write_summary(summary)
     Console().print(results_table(summary, Path(run_dir)))
     return summary
