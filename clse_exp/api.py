@@ -15,6 +15,7 @@ from clse_exp.config import CONF_DIR, ModelConfig, group_options, register_schem
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.build import pruner_from_config
 from clse_exp.pruning.engine import Pruner
+from clse_exp.run_id import register_resolver
 
 LAYER_KEYS = ("reference_layer", "prune_layers")
 
@@ -22,6 +23,7 @@ LAYER_KEYS = ("reference_layer", "prune_layers")
 def compose_config(overrides: list[str]) -> DictConfig:
     """Compose conf/config.yaml with command-line style overrides, as `python -m clse_exp` would."""
     register_schemas()
+    register_resolver()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:

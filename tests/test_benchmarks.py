@@ -38,3 +38,4 @@ def test_seeded_subsample_is_stable_and_in_order():
     first = subsample(100, 10, seed=3)
     assert first == subsample(100, 10, seed=3) == sorted(first) and len(set(first)) == 10
     assert subsample(100, 10, seed=4) != first and subsample(5, 10, seed=0) == list(range(5))
+    assert set(first) <= set(subsample(100, 30, seed=3))  # nested: a larger limit extends the run

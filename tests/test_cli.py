@@ -79,3 +79,14 @@ def test_sigkilled_run_resumes_with_every_sample_once(tmp_path):
     assert sorted(ids) == [f"synthetic-test-{i:05d}" for i in range(16)]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n_samples"] == 16 and summary["timings"]["resumed_from"] == done_before
+
+
+def test_same_config_resumes_in_its_content_addressed_folder(tmp_path):
+    first = subprocess.run(cli("dataset.limit=2"), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    second = subprocess.run(cli("dataset.limit=3", "batch_size=1"), capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert first.returncode == second.returncode == 0, second.stderr
+    summaries = list((tmp_path / "outputs" / "runs").rglob("summary.json"))
+    assert len(summaries) == 1  # batch size and limit do not change the folder
+    summary = json.loads(summaries[0].read_text())
+    assert summary["n_samples"] == 3 and summary["timings"]["resumed_from"] == 2

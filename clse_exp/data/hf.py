@@ -72,10 +72,11 @@ def _json_safe(value: Any) -> Any:
 
 
 def subsample(n_rows: int, limit: int | None, seed: int) -> list[int]:
-    """All rows, or a seeded random subset of `limit` rows kept in dataset order."""
+    """All rows, or a seeded random subset of `limit` rows kept in dataset order. Subsets are nested: a larger
+    limit keeps every row of a smaller one (so a resumed run with a larger limit only adds samples)."""
     if limit is None or limit >= n_rows:
         return list(range(n_rows))
-    return sorted(np.random.default_rng(seed).choice(n_rows, size=limit, replace=False).tolist())
+    return sorted(np.random.default_rng(seed).permutation(n_rows)[:limit].tolist())
 
 
 def load_hf(cfg: Any) -> tuple[list[Sample], list[dict]]:
