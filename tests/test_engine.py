@@ -33,6 +33,16 @@ def greedy(loaded, inputs, pruner=None, use_cache=True, steps=6):
             return loaded.model.generate(**inputs, **kwargs)[:, -steps:]
 
 
+def decode_scores(loaded, inputs, pruner, steps=4):
+    """Logits of the decode steps after the first token: [steps - 1, B, V]."""
+    tok = loaded.processor.tokenizer
+    with torch.no_grad(), pruner.attach(loaded.model):
+        out = loaded.model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                    output_scores=True, return_dict_in_generate=True,
+                                    pad_token_id=tok.pad_token_id)
+    return torch.stack(out.scores[1:])
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("method", ["clse", "fastv", "divprune"])
 def test_keep_all_is_identity(name, method):
@@ -103,6 +113,11 @@ def test_crop_policy_matches_masked_full_cache(name, attn, batch):
     oracle = MaskedRagged(reference.method, reference.prune_layers, reference.reference_layer, keep=0.3,
                           shape=reference.shape)
     assert torch.equal(greedy(loaded, inputs, crop), greedy(loaded, inputs, oracle))
+    crop_scores, oracle_scores = decode_scores(loaded, inputs, crop), decode_scores(loaded, inputs, oracle)
+    torch.testing.assert_close(crop_scores, oracle_scores, atol=1e-5, rtol=1e-5)
+    ragged_scores = decode_scores(loaded, inputs, make_pruner("clse", keep=0.3, model=name))
+    finite = crop_scores.isfinite()
+    assert (crop_scores - ragged_scores)[finite].abs().max() > 1e-3  # the policy really changes decoding
     assert [(s["layer"], s["kept"]) for s in crop.trace] == [(s["layer"], s["kept"]) for s in oracle.trace]
 
 
