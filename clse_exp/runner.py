@@ -25,8 +25,11 @@ from clse_exp.metrics.fidelity import first_token_kl
 from clse_exp.metrics.positions import positional_summary
 from clse_exp.metrics.synthetic import normalize_answer
 from clse_exp.pruning.build import build_pruner
+from clse_exp.run_id import HASHED_KEYS, config_hash
 from clse_exp.tracking.environment import environment
 from clse_exp.tracking.local import LocalSink
+from clse_exp.tracking.overlay import kept_overlay
+from clse_exp.tracking.wandb_sink import WandbSink
 
 console = Console(stderr=True)
 
@@ -136,9 +139,41 @@ def results_table(summary: dict, run_dir: Path) -> Table:
     return table
 
 
+def save_overlays(samples: list[Sample], records: list[dict], run_dir: Path, count: int) -> list[tuple[str, Any]]:
+    """Kept tokens over the first image of the first `count` pruned samples, saved under overlays/."""
+    by_id = {r["id"]: r for r in records}
+    overlays = []
+    for sample in samples:
+        record = by_id.get(sample.id, {})
+        if len(overlays) >= count or not sample.images or not record.get("grids"):
+            continue
+        image = kept_overlay(sample.images[0], tuple(record["grids"][0]), record["kept"])
+        (run_dir / "overlays").mkdir(exist_ok=True)
+        image.save(run_dir / "overlays" / f"{sample.id}.png")
+        overlays.append((sample.id, image))
+    return overlays
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run (or resume) one config into `run_dir`; returns the summary also written to summary.json."""
     validate_run(cfg)
+    run_dir = Path(run_dir)
+    wandb = None
+    if cfg.logger.name == "wandb":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        wandb = WandbSink(cfg, run_dir, config_hash(*(cfg[k] for k in HASHED_KEYS)))
+    try:
+        summary = _run(cfg, run_dir, wandb)
+    except BaseException:
+        if wandb is not None:
+            wandb.finish(exit_code=1)
+        raise
+    if wandb is not None:
+        wandb.finish(exit_code=0)
+    return summary
+
+
+def _run(cfg: DictConfig, run_dir: Path, wandb: WandbSink | None) -> dict:
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     loaded = models.load(cfg.model, cfg.device)
@@ -169,5 +204,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     summary = summarize(cfg, records, task, environment(loaded.device), timings)
     summary["skipped"] = {"count": len(skipped), "samples": skipped}
     sink.write_summary(summary)
-    Console().print(results_table(summary, Path(run_dir)))
+    overlays = save_overlays(samples, records, run_dir, cfg.logger.get("overlays", 4)) if pruner else []
+    if wandb is not None:
+        wandb.log(summary, records, overlays)
+    Console().print(results_table(summary, run_dir))
     return summary
