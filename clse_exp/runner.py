@@ -69,6 +69,9 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
                "scoring_s": pruner.stage_seconds if pruner is not None else 0.0}
     predictions = decode(loaded, out.sequences, prompt_length)
     trace = pruner.trace_records() if pruner is not None else [{} for _ in batch]
+    grids = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
+    layout = loaded.adapter.visual_layout(loaded.model, inputs["input_ids"], **grids)
+    vision_flops = [loaded.adapter.vision_flops(loaded.model, segments) for segments in layout]
     ref_out = out
     if reference and pruner is not None:
         ref_out = generate(loaded, inputs, max_new_tokens)
@@ -83,6 +86,7 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
             "prediction": predictions[i],
             "correct": bool(sample.answer) and normalize_answer(predictions[i]) == normalize_answer(sample.answer),
             "prompt_tokens": int(inputs["attention_mask"][i].sum()),
+            "vision_flops": vision_flops[i],
             "batch_size": len(batch),
             "batch_timings": timings,
             "doc": {"answer": sample.answer, **sample.meta},

@@ -60,3 +60,15 @@ def test_fastv_formula_by_hand():
 
     flops = prefill_flops(Config(), [3, 1])
     assert flops.fastv_formula == (4 * 3 * 16 + 2 * 9 * 4 + 2 * 3 * 4 * 8) + (4 * 16 + 2 * 4 + 2 * 4 * 8)
+
+
+def test_qwen2vl_vision_flops_equal_flop_counter():
+    from clse_exp.efficiency.flops import qwen2vl_vision_flops
+
+    loaded = load_model("tiny_qwen2vl", "cpu")
+    inputs = loaded.prepare(samples(2))  # three images: 16x16, 16x16 and 16x16 patches
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        loaded.model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    analytic = qwen2vl_vision_flops(loaded.model.config.vision_config, inputs["image_grid_thw"].tolist())
+    assert abs(counter.get_total_flops() - analytic) <= 0.01 * analytic

@@ -39,7 +39,11 @@ def run_costs(records: list[dict]) -> dict:
     total = {k: sum(r[k] for r in records) for k in ("prefill_flops", "prefill_flops_unpruned", "kv_bytes",
                                                       "kv_bytes_unpruned", "fastv_formula_flops")}
     n = len(records)
+    vision = [r.get("vision_flops") for r in records]
+    extra = {"vision_tflops_per_sample": sum(vision) / n / 1e12} if None not in vision else {}
     return {
+        **extra,
+        "prefill_tmacs_per_sample": total["prefill_flops"] / n / 2e12,
         "prefill_tflops_per_sample": total["prefill_flops"] / n / 1e12,
         "flops_ratio": total["prefill_flops"] / total["prefill_flops_unpruned"],
         "fastv_formula_tflops_per_sample": total["fastv_formula_flops"] / n / 1e12,

@@ -62,3 +62,21 @@ def prefill_flops(config: Any, tokens_per_layer: Sequence[int], logits_positions
     d, m = shape.hidden, shape.intermediate
     fastv = sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in tokens_per_layer)
     return PrefillFlops(sum(per_layer) + lm_head, per_layer, lm_head, fastv)
+
+
+def qwen2vl_vision_flops(vision_config: Any, patch_grids: Sequence[Sequence[int]]) -> int:
+    """Matmul FLOPs of the Qwen2-VL vision tower for images/videos with patch grids (t, h, w) (before the
+    2x2 merge): patch embedding, per block qkv/proj and full attention within each image, the fc1/fc2 MLP,
+    and the patch merger. Reported apart from the LLM: pruning inside the LLM does not change it."""
+    embed = vision_config.embed_dim
+    hidden_mlp = int(embed * vision_config.mlp_ratio)
+    patch_in = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
+    merged = embed * vision_config.spatial_merge_size ** 2
+    total = 0
+    for t, h, w in patch_grids:
+        n = t * h * w
+        block = 2 * n * embed * 3 * embed + 2 * n * embed * embed + 4 * n * n * embed + 2 * 2 * n * embed * hidden_mlp
+        merger_tokens = n // vision_config.spatial_merge_size ** 2
+        merger = 2 * merger_tokens * merged * merged + 2 * merger_tokens * merged * vision_config.hidden_size
+        total += 2 * n * patch_in * embed + vision_config.depth * block + merger
+    return total

@@ -77,6 +77,10 @@ class ModelAdapter:
         """The vision encoder (timed separately from the LLM prefill)."""
         return model.model.vision_tower
 
+    def vision_flops(self, model: nn.Module, segments: list[VisualSegment]) -> int | None:
+        """Analytic vision-encoder FLOPs for one sample's images, where the family has a formula."""
+        return None
+
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         """Placeholder token ids, by kind ("image", "video")."""
         raise NotImplementedError

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from clse_exp.data.sample import Sample
+from clse_exp.efficiency.flops import qwen2vl_vision_flops
 from clse_exp.models.base import ModelAdapter, VisualSegment, runs_of
 
 
@@ -19,6 +20,13 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return model.model.visual
+
+    def vision_flops(self, model: nn.Module, segments: list[VisualSegment]) -> int | None:
+        if model.config.model_type != "qwen2_vl":  # Qwen2.5-VL's windowed attention has no formula here yet
+            return None
+        merge = model.config.vision_config.spatial_merge_size
+        grids = [(s.t, s.h * merge, s.w * merge) for s in segments]
+        return qwen2vl_vision_flops(model.config.vision_config, grids)
 
     def visual_layout(
         self,
