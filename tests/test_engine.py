@@ -146,7 +146,9 @@ def test_batch_matches_single(name, method):
         assert [stage["kept"][0] for stage in pruner.trace] == [kept[i] for kept in kept_together]
 
 
-def _capture_layer_inputs(model, layers):
+def eager_run_with_layer_inputs(loaded, inputs):
+    """A stock eager forward with attentions, and every decoder layer's (input, (cos, sin))."""
+    layers = loaded.adapter.decoder_layers(loaded.model)
     captured = {}
 
     def hook(index):
@@ -155,19 +157,18 @@ def _capture_layer_inputs(model, layers):
         return fn
 
     handles = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in range(len(layers))]
-    return captured, handles
+    with torch.no_grad():
+        out = loaded.model(**inputs, output_attentions=True)
+    for handle in handles:
+        handle.remove()
+    return out, captured, layers
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_recomputed_attention_matches_eager(name):
     loaded = model_with(name, "eager")
     inputs = loaded.prepare(samples(3))
-    layers = loaded.adapter.decoder_layers(loaded.model)
-    captured, handles = _capture_layer_inputs(loaded.model, layers)
-    with torch.no_grad():
-        out = loaded.model(**inputs, output_attentions=True)
-    for handle in handles:
-        handle.remove()
+    out, captured, layers = eager_run_with_layer_inputs(loaded, inputs)
     valid = inputs["attention_mask"].bool()
     for index in (0, 3):
         hidden, (cos, sin) = captured[index]
@@ -184,12 +185,7 @@ def test_clse_prunes_each_image_on_its_own_grid():
     loaded = model_with(name, "eager")
     sample = Sample("two", "Is there a red circle?", "yes", [noise_image(1, 224), noise_image(2, 168)])
     inputs = loaded.prepare([sample])
-    layers = loaded.adapter.decoder_layers(loaded.model)
-    captured, handles = _capture_layer_inputs(loaded.model, layers)
-    with torch.no_grad():
-        out = loaded.model(**inputs, output_attentions=True)
-    for handle in handles:
-        handle.remove()
+    out, captured, _ = eager_run_with_layer_inputs(loaded, inputs)
     layout = loaded.adapter.visual_layout(loaded.model, inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"])
     segments = layout[0]
     assert [s.grid for s in segments] == [(1, 8, 8), (1, 6, 6)]

@@ -98,7 +98,20 @@ class ModelAdapter:
         return [{"role": "user", "content": content}]
 
     def prepare_inputs(self, processor: Any, samples: list[Sample], device: torch.device) -> dict:
-        raise NotImplementedError
+        """Chat prompts through the family's processor, left-padded; images flattened in sample order."""
+        texts = [
+            processor.apply_chat_template(self.build_messages(s), tokenize=False, add_generation_prompt=True)
+            for s in samples
+        ]
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        images = [img for s in samples for img in s.images]
+        videos = [s.video for s in samples if s.video is not None]
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = videos
+        processor.tokenizer.padding_side = "left"
+        return processor(**kwargs).to(device)
 
 
 def runs_of(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:

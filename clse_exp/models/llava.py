@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from clse_exp.data.sample import Sample
 from clse_exp.models.base import ModelAdapter, VisualSegment, runs_of
 
 
@@ -43,21 +42,6 @@ class LlavaAdapter(ModelAdapter):
                         ]
             layout.append(sorted(segments, key=lambda s: s.start))
         return layout
-
-    def prepare_inputs(self, processor: Any, samples: list[Sample], device: torch.device) -> dict:
-        texts = [
-            processor.apply_chat_template(self.build_messages(s), tokenize=False, add_generation_prompt=True)
-            for s in samples
-        ]
-        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
-        images = [img for s in samples for img in s.images]
-        videos = [s.video for s in samples if s.video is not None]
-        if images:
-            kwargs["images"] = images
-        if videos:
-            kwargs["videos"] = videos
-        processor.tokenizer.padding_side = "left"
-        return processor(**kwargs).to(device)
 
 
 class VideoLlavaAdapter(LlavaAdapter):

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from clse_exp.data.sample import Sample
 from clse_exp.efficiency.flops import qwen2vl_vision_flops
 from clse_exp.models.base import ModelAdapter, VisualSegment, runs_of
 
@@ -63,21 +62,6 @@ class Qwen2VLAdapter(ModelAdapter):
                     segments.append(segment)
             layout.append(sorted(segments, key=lambda s: s.start))
         return layout
-
-    def prepare_inputs(self, processor: Any, samples: list[Sample], device: torch.device) -> dict:
-        texts = [
-            processor.apply_chat_template(self.build_messages(s), tokenize=False, add_generation_prompt=True)
-            for s in samples
-        ]
-        images = [list(s.images) for s in samples]
-        videos = [s.video for s in samples if s.video is not None]
-        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
-        if any(images):
-            kwargs["images"] = [img for per_sample in images for img in per_sample]
-        if videos:
-            kwargs["videos"] = videos
-        processor.tokenizer.padding_side = "left"
-        return processor(**kwargs).to(device)
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 - the family's own spelling
