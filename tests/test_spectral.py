@@ -265,3 +265,28 @@ def test_token_count_must_match_grid():
 def test_3d_spectrum_of_one_frame_suggests_frame2d():
     with pytest.raises(ValueError, match=r"\(1, 24, 24\).*spectral=frame2d"):
         spectral_energy(torch.zeros(1, 576, 4), (1, 24, 24), spectral="3d")
+
+
+@pytest.mark.parametrize("grid", [(1, 6, 6), (1, 5, 7), (2, 4, 5), (3, 6, 4)])
+@pytest.mark.parametrize("filter_name", ["gaussian_highpass", "ideal_highpass", "butterworth_highpass",
+                                         "gaussian_lowpass", "bandpass"])
+@pytest.mark.parametrize("spectral", ["frame2d", "3d"])
+def test_real_fft_path_equals_the_complex_shifted_filter(grid, filter_name, spectral):
+    """The fast path (rfft, unshifted even mask) against the literal recipe: fft, fftshift, mask, ifftshift,
+    ifft, complex magnitude."""
+    t, h, w = grid
+    if spectral == "3d" and min(grid) // 2 == 0:
+        return
+    knobs = {"filter": filter_name, "cutoff_ratio": 0.3, "band": (0.2, 0.8) if filter_name == "bandpass" else None}
+    x = torch.randn(2, t * h * w, 5, generator=torch.Generator().manual_seed(0))
+    maps = x.reshape(2, t, h, w, 5)
+    if spectral == "frame2d":
+        maps, dims, shape = maps.permute(0, 1, 4, 2, 3), (-2, -1), (h, w)
+    else:
+        maps, dims, shape = maps.permute(0, 4, 1, 2, 3), (-3, -2, -1), (t, h, w)
+    mask = frequency_mask(shape, **knobs)
+    centred = torch.fft.fftshift(torch.fft.fftn(maps, dim=dims), dim=dims) * mask
+    literal = torch.fft.ifftn(torch.fft.ifftshift(centred, dim=dims), dim=dims).abs()
+    literal = literal.mean(dim=2 if spectral == "frame2d" else 1)
+    expected = literal.reshape(2, -1) if spectral == "3d" else literal.reshape(2, t * h * w)
+    torch.testing.assert_close(spectral_energy(x, grid, spectral=spectral, **knobs), expected, atol=1e-5, rtol=1e-5)

@@ -133,9 +133,16 @@ def spectral_energy(
 
 
 def _filter_spectrum(maps: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """FFT over `dims`, centre the zero frequency, apply the centred mask, undo both; complex output."""
-    spectrum = torch.fft.fftshift(torch.fft.fftn(maps, dim=dims), dim=dims)
-    return torch.fft.ifftn(torch.fft.ifftshift(spectrum * mask, dim=dims), dim=dims)
+    """Filter `maps` over `dims` with the centred `mask`: the same numbers as fftshift, mask, ifftshift and
+    the inverse complex FFT, at about half the cost.
+
+    Every mask here is a function of the distance from the centre index, so it is even (also at the Nyquist
+    index, which is its own mirror); a real input then stays real after filtering and the real FFT pair
+    gives the result exactly, with the mask moved to the unshifted half-spectrum layout.
+    """
+    sizes = [maps.shape[d] for d in dims]
+    unshifted = torch.fft.ifftshift(mask, dim=tuple(range(mask.dim())))[..., : sizes[-1] // 2 + 1]
+    return torch.fft.irfftn(torch.fft.rfftn(maps, dim=dims) * unshifted, s=sizes, dim=dims)
 
 
 def evolution_factor(s_ref: torch.Tensor, s_cur: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
