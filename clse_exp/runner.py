@@ -129,17 +129,17 @@ def summarize(cfg: DictConfig, records: list[dict], task: str, env: dict, timing
     }
 
 
-def results_table(summary: dict, run_dir: Path) -> Table:
+def results_table(summary: dict) -> Table:
     cfg = summary["config"]
-    table = Table(title=f"{cfg['model']['name']} | prune={cfg['prune']['name']} | keep={cfg['keep']} | "
-                        f"{summary['task']} ({summary['n_samples']} samples)")
+    keep = "" if cfg["prune"]["name"] == "none" else f" keep={cfg['keep']}"
+    table = Table(title=f"{cfg['model']['name']} | {cfg['prune']['name']}{keep} | {summary['task']} "
+                        f"x{summary['n_samples']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     retention = {k: v for k, v in summary["retention"].items() if not isinstance(v, list)}
     rows = {**summary["metrics"], **{f"retention_{k}": v for k, v in retention.items()}, **summary["efficiency"]}
     for key, value in rows.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    table.caption = f"results in {run_dir}"
     return table
 
 
@@ -211,5 +211,6 @@ def _run(cfg: DictConfig, run_dir: Path, wandb: WandbSink | None) -> dict:
     overlays = save_overlays(samples, records, run_dir, cfg.logger.get("overlays", 4)) if pruner else []
     if wandb is not None:
         wandb.log(summary, records, overlays)
-    Console().print(results_table(summary, run_dir))
+    Console().print(results_table(summary))
+    print(f"results in {run_dir}")
     return summary

@@ -247,3 +247,22 @@ def test_layers_beyond_depth_are_refused():
     with pytest.raises(ConfigError, match="40"):
         with pruner.attach(loaded.model):
             pass
+
+
+def test_tiny_images_keep_the_fewest_tokens_instead_of_failing():
+    loaded = model_with("tiny_qwen2vl")
+    small = Sample("s", "Is there a red circle?", "yes", [noise_image(0, 56)])  # 2 x 2 = 4 visual tokens
+    pruner = make_pruner("clse", keep=0.1, model="tiny_qwen2vl")
+    greedy(loaded, loaded.prepare([small]), pruner)
+    record = pruner.trace_records()[0]
+    assert record["n_visual"] == 4 and record["visual_per_layer"][-1] == 1
+    assert record["retention"]["average"] > 0.1  # reported honestly, above the unreachable target
+
+
+def test_budgets_the_layers_cannot_reach_are_config_errors():
+    from clse_exp.errors import ConfigError
+
+    loaded = model_with("tiny_qwen2vl")
+    pruner = make_pruner("pdrop", keep=0.1, model="tiny_qwen2vl")  # first cut at layer 7 of 28: floor 0.25
+    with pytest.raises(ConfigError, match="smallest average retention"):
+        greedy(loaded, loaded.prepare(samples(1)), pruner)

@@ -87,8 +87,16 @@ class Pruner:
 
         @lru_cache(maxsize=256)
         def plan(n_visual: int) -> tuple[Stage, ...]:
-            return tuple(plan_stages(n_visual, num_layers, self.prune_layers, self.keep, budget=self.budget,
-                                     schedule=self.schedule, shape=self.shape, paper_family=family))
+            try:
+                return tuple(plan_stages(n_visual, num_layers, self.prune_layers, self.keep, budget=self.budget,
+                                         schedule=self.schedule, shape=self.shape, paper_family=family))
+            except ConfigError:
+                layers_floor = self.prune_layers[0] / num_layers  # layers before the first cut see every token
+                if self.budget != "average" or self.schedule != "auto" or self.keep < layers_floor:
+                    raise  # no image size can meet this budget with these layers: the config is wrong
+                # Only the one-token-per-stage floor is in the way (a tiny image): keep the fewest possible and
+                # let the sample's achieved retention say so, rather than end a long run on one odd sample.
+                return tuple(Stage(layer, 1) for layer in self.prune_layers)
 
         self.plan = plan
 
