@@ -18,6 +18,7 @@ from clse_exp import models
 from clse_exp.config import validate_run
 from clse_exp.data import Sample, load_samples
 from clse_exp.efficiency.accounting import run_costs, sample_costs
+from clse_exp.efficiency.kv_cache import measured_kv_bytes
 from clse_exp.efficiency.memory import peak_memory_bytes, reset_peak
 from clse_exp.efficiency.timing import GenerationTimer
 from clse_exp.metrics import score
@@ -66,7 +67,9 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
     out = generate(loaded, inputs, max_new_tokens, pruner, timer)
     timings = {"vision_s": timer.vision_s, "prefill_s": timer.prefill_s,
                "decode_s_per_token": timer.decode_s_per_token,
-               "scoring_s": pruner.stage_seconds if pruner is not None else 0.0}
+               "scoring_s": pruner.stage_seconds if pruner is not None else 0.0,
+               # the whole batch's cache after decoding: padding and generated tokens included
+               "kv_bytes_measured": measured_kv_bytes(out.past_key_values)}
     predictions = decode(loaded, out.sequences, prompt_length)
     trace = pruner.trace_records() if pruner is not None else [{} for _ in batch]
     grids = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}

@@ -29,6 +29,9 @@ def test_default_run_writes_predictions_and_summary(tmp_path):
     assert summary["n_samples"] == 6
     assert {"accuracy", "agreement", "first_token_kl"} <= set(summary["metrics"])
     assert summary["environment"]["versions"]["torch"]
+    efficiency = summary["efficiency"]
+    assert 0 < efficiency["flops_ratio"] < 1 and 0 < efficiency["kv_ratio"] < 1
+    assert efficiency["mean_batch_kv_bytes_measured"] > 0 and efficiency["mean_batch_prefill_s"] > 0
     assert summary["config"]["model"]["name"] == "tiny_qwen2vl"
     records = read_predictions(tmp_path)
     assert [r["id"] for r in records] == [f"synthetic-test-{i:05d}" for i in range(6)]
