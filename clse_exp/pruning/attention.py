@@ -31,12 +31,13 @@ def _normed(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return norm(x) if norm is not None else x
 
 
+def _keys(attn: nn.Module, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _apply_rotary(_normed(attn, "k_norm", _heads(attn.k_proj(normed), attn.head_dim)), cos, sin)
+
+
 def post_rope_keys(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Keys of `layer` after RoPE, [B, kv_heads, L, head_dim], from the layer's input `hidden` [B, L, C]."""
-    attn = layer.self_attn
-    normed = layer.input_layernorm(hidden)
-    keys = _normed(attn, "k_norm", _heads(attn.k_proj(normed), attn.head_dim))
-    return _apply_rotary(keys, cos, sin)
+    return _keys(layer.self_attn, layer.input_layernorm(hidden), cos, sin)
 
 
 def last_query_attention(
@@ -51,7 +52,7 @@ def last_query_attention(
     normed = layer.input_layernorm(hidden)
     query = _normed(attn, "q_norm", _heads(attn.q_proj(normed[:, -1:]), attn.head_dim))
     query = _apply_rotary(query, cos[:, -1:], sin[:, -1:])
-    keys = post_rope_keys(layer, hidden, cos, sin)
+    keys = _keys(attn, normed, cos, sin)
     keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
     logits = (query.float() @ keys.float().transpose(-1, -2)) * attn.scaling
     logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
