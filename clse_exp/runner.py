@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from clse_exp import models
+from clse_exp.compat import cache_of
 from clse_exp.config import validate_run
 from clse_exp.data import Sample, load_samples
 from clse_exp.efficiency.accounting import run_costs, sample_costs
@@ -69,7 +70,7 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
                "decode_s_per_token": timer.decode_s_per_token,
                "scoring_s": pruner.stage_seconds if pruner is not None else 0.0,
                # the whole batch's cache after decoding: padding and generated tokens included
-               "kv_bytes_measured": measured_kv_bytes(out.past_key_values)}
+               "kv_bytes_measured": measured_kv_bytes(cache_of(out))}
     predictions = decode(loaded, out.sequences, prompt_length)
     trace = pruner.trace_records() if pruner is not None else [{} for _ in batch]
     grids = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}

@@ -7,6 +7,7 @@ import torch
 from helpers import noise_image, samples
 
 from clse_exp import load_model, make_pruner
+from clse_exp.compat import cache_of
 from clse_exp.data.sample import Sample
 from clse_exp.pruning.attention import last_query_attention
 from clse_exp.pruning.engine import Pruner
@@ -127,7 +128,7 @@ def test_crop_cuts_earlier_caches_to_survivors():
     pruner = make_pruner("clse", keep=0.3, model="tiny_qwen2vl", kv_policy="crop")
     with torch.no_grad(), pruner.attach(loaded.model):
         out = loaded.model(**inputs, use_cache=True)
-    lengths = {layer.keys.shape[2] for layer in out.past_key_values.layers}
+    lengths = {layer.keys.shape[2] for layer in cache_of(out).layers}
     n_text = inputs["input_ids"].shape[1] - pruner.trace_records()[0]["n_visual"]
     assert lengths == {n_text + len(pruner.trace[-1]["kept"][0])}
 

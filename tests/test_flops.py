@@ -8,6 +8,7 @@ from helpers import samples
 from torch.utils.flop_counter import FlopCounterMode
 
 from clse_exp import load_model, make_pruner
+from clse_exp.compat import cache_of
 from clse_exp.efficiency.flops import TextShape, prefill_flops
 from clse_exp.efficiency.kv_cache import analytic_kv_bytes, measured_kv_bytes
 
@@ -25,7 +26,7 @@ def counted(loaded, inputs, pruner=None) -> tuple[int, int, object]:
                 out = loaded.model(**inputs, logits_to_keep=1, use_cache=True)
     flops = {name.split(".", 1)[-1]: sum(v.values()) for name, v in counter.get_flop_counts().items()}
     text = next(v for k, v in flops.items() if k.endswith("language_model"))
-    return text, flops["lm_head"], out.past_key_values
+    return text, flops["lm_head"], cache_of(out)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from clse_exp.compat import cache_in, cache_of
 from clse_exp.config import validate_layers
 from clse_exp.errors import ConfigError
 from clse_exp.models import ADAPTERS, ModelAdapter, VisualSegment
@@ -167,7 +168,7 @@ class Pruner:
 
     # ------------------------------------------------------------------------------------ hooks
     def _on_multimodal(self, adapter: ModelAdapter, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         _refuse_unsupported_cache(cache)
         if cache is not None and cache.get_seq_length() > 0:
             return None
@@ -201,7 +202,7 @@ class Pruner:
         state = self._state
         if state is None or state.decoding:
             return None
-        cache = getattr(output, "past_key_values", None) or kwargs.get("past_key_values")
+        cache = cache_of(output) or cache_in(kwargs)
         if self.kv_policy == "crop" and cache is not None:
             _crop_cache(cache, state)
         state.layer_inputs.clear()
