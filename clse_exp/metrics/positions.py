@@ -13,7 +13,8 @@ ROW_BINS = 10
 
 
 def kept_coordinates(kept: Iterable[int], grids: list[list[int]]) -> np.ndarray:
-    """[n_kept, 2] normalised (row, column) in [0, 1] of kept ORIGINAL visual indices, per image/frame grid."""
+    """[n_kept, 2] normalised (row, column) in [0, 1] of kept ORIGINAL visual indices, per image/frame
+    grid."""
     sizes = [t * h * w for t, h, w in grids]
     offsets = np.cumsum([0, *sizes])
     kept = np.asarray(sorted(kept), dtype=np.int64)

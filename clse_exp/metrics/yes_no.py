@@ -1,17 +1,19 @@
-"""POPE: lmms-eval's pooled scoring, and the LLaVA protocol (mean F1 over the three splits) as `pope_llava`.
+"""POPE: lmms-eval's pooled scoring (`pope`) and the LLaVA protocol most pruning papers report (`pope_llava`).
 
-lmms-eval compares `pred.lower().strip()` to the answer by string equality: "Yes." scores 0 and counts as
-neither yes nor no. Its `pope_yes_ratio` is computed from the ground truth, not the predictions.
+lmms-eval compares `pred.lower().strip()` with the answer by string equality: "Yes." scores 0 and counts as
+neither yes nor no in precision and recall. Its `pope_yes_ratio` is computed from the ground truth.
+LLaVA's eval_pope.py instead maps every answer to yes/no from its first sentence and reports the mean F1 of
+the three splits (adversarial, popular, random).
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 
-def _prf(pairs: list[tuple[str, str]]) -> tuple[float, float, float]:
-    """Precision, recall, F1 with "yes" positive; only exact "yes"/"no" predictions are counted."""
+def precision_recall_f1(pairs: list[tuple[str, str]]) -> tuple[float, float, float]:
+    """(prediction, gold) pairs, "yes" positive. Predictions other than exactly "yes"/"no" enter no count;
+    an empty denominator gives 0, as lmms-eval does."""
     tp = sum(p == "yes" and g == "yes" for p, g in pairs)
     fp = sum(p == "yes" and g == "no" for p, g in pairs)
     fn = sum(p == "no" and g == "yes" for p, g in pairs)
@@ -21,9 +23,17 @@ def _prf(pairs: list[tuple[str, str]]) -> tuple[float, float, float]:
     return precision, recall, f1
 
 
+def _gold(doc: dict) -> str:
+    gold = str(doc["answer"]).lower().strip()
+    if gold not in ("yes", "no"):
+        raise ValueError(f"POPE answer={doc['answer']!r} is not valid; choose one of: yes, no")
+    return gold
+
+
 def pope(docs: list[dict], predictions: list[str]) -> dict:
-    pairs = [(p.lower().strip(), d["answer"].lower().strip()) for d, p in zip(docs, predictions, strict=True)]
-    precision, recall, f1 = _prf(pairs)
+    """lmms-eval `pope`: accuracy, precision, recall, F1 pooled over all rows; yes-ratio of the gold."""
+    pairs = [(p.lower().strip(), _gold(d)) for d, p in zip(docs, predictions, strict=True)]
+    precision, recall, f1 = precision_recall_f1(pairs)
     return {
         "pope_accuracy": sum(p == g for p, g in pairs) / len(pairs),
         "pope_precision": precision,
@@ -34,21 +44,28 @@ def pope(docs: list[dict], predictions: list[str]) -> dict:
 
 
 def llava_label(prediction: str) -> str:
-    """LLaVA's eval_pope: first sentence; "no" if it contains the word No, not or no, else "yes"."""
-    first = prediction.strip().split(".")[0]
-    words = re.sub(r"[^\w\s]", " ", first).split()
+    """LLaVA's eval_pope.py: keep the text before the first ".", drop commas, split on single spaces; "no" if
+    a word is exactly "No", "not" or "no", else "yes". So "No!" and "Not sure" read as "yes"."""
+    words = prediction.split(".")[0].replace(",", "").split(" ")
     return "no" if any(w in ("No", "not", "no") for w in words) else "yes"
 
 
 def pope_llava(docs: list[dict], predictions: list[str]) -> dict:
-    by_category: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    """Per-split accuracy/precision/recall/F1/yes-ratio, and their means over the splits (`pope_llava_f1_mean`
+    is the papers' POPE number). Splits come from the `category` column."""
+    by_split: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for doc, prediction in zip(docs, predictions, strict=True):
-        by_category[doc["category"]].append((llava_label(prediction), doc["answer"].lower().strip()))
-    out = {}
-    for category, pairs in sorted(by_category.items()):
-        out[f"pope_llava_{category}_f1"] = _prf(pairs)[2]
-        out[f"pope_llava_{category}_accuracy"] = sum(p == g for p, g in pairs) / len(pairs)
-    every = [pair for pairs in by_category.values() for pair in pairs]
-    out["pope_llava_f1_mean"] = sum(_prf(p)[2] for p in by_category.values()) / len(by_category)
+        by_split[str(doc["category"])].append((llava_label(prediction), _gold(doc)))
+    out: dict[str, float] = {}
+    for split, pairs in sorted(by_split.items()):
+        precision, recall, f1 = precision_recall_f1(pairs)
+        out[f"pope_llava_{split}_accuracy"] = sum(p == g for p, g in pairs) / len(pairs)
+        out[f"pope_llava_{split}_precision"] = precision
+        out[f"pope_llava_{split}_recall"] = recall
+        out[f"pope_llava_{split}_f1"] = f1
+        out[f"pope_llava_{split}_yes_ratio"] = sum(p == "yes" for p, _ in pairs) / len(pairs)
+    for name in ("f1", "accuracy"):
+        out[f"pope_llava_{name}_mean"] = sum(out[f"pope_llava_{s}_{name}"] for s in by_split) / len(by_split)
+    every = [pair for pairs in by_split.values() for pair in pairs]
     out["pope_llava_yes_ratio"] = sum(p == "yes" for p, _ in every) / len(every)
     return out
