@@ -40,3 +40,40 @@ def test_packed_launcher_loads_the_model_once_per_job(tmp_path):
     assert len(job_folders) == 2  # 3 points packed into jobs of 2 + 1
     # The second point of the first job reuses the model its first point loaded.
     assert summaries["random"] < 0.1 * summaries["none"]
+
+
+def test_lost_jobs_end_the_sweep_with_one_line_each(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+    from submitit.core.utils import FailedJobError
+
+    from hydra_plugins.clse_exp_packed.submit import SweepJobsLost, wait_for_jobs
+
+    class FakeJob:
+        def __init__(self, job_id, state, result=None, error=None):
+            self.job_id, self.state, self._result, self._error = job_id, state, result, error
+            pickle = tmp_path / f"{job_id}_result.pkl"
+            if result is not None or error is not None:
+                pickle.write_text("x")
+            self.paths = SimpleNamespace(result_pickle=pickle, stderr=tmp_path / f"{job_id}_log.err")
+
+        def wait(self):
+            pass
+
+        def results(self):
+            if self._error:
+                raise self._error
+            return [self._result]
+
+    trace = "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: boom"
+    failed = FailedJobError(f"Job (task=0) failed during processing with trace:\n-----\n{trace}\n-----\nlogs: ...")
+    jobs = [FakeJob("7_0", "COMPLETED", result="ok"), FakeJob("7_1", "CANCELLED by 0"),
+            FakeJob("7_2", "FAILED", error=failed)]
+    with pytest.raises(SweepJobsLost) as lost:
+        wait_for_jobs(jobs, ["#0 keep=0.1", "#1 keep=0.2", "#2 keep=0.3"], "/sweep")
+    lines = str(lost.value).splitlines()
+    assert lines[0].startswith("clse_exp: error: 2 of 3 sweep jobs ended without a result")
+    assert lines[1] == f"  #1 keep=0.2: job 7_1 CANCELLED by 0 (log: {tmp_path}/7_1_log.err)"
+    assert lines[2] == f"  #2 keep=0.3: job 7_2 failed: RuntimeError: boom (log: {tmp_path}/7_2_log.err)"
+    assert wait_for_jobs(jobs[:1], ["#0"], "/sweep") == ["ok"]

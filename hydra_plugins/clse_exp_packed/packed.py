@@ -9,20 +9,19 @@ and only attach a different pruner.
 # breaks dataclasses with postponed annotations.
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf, SlurmQueueConf
+from hydra.core.utils import JobReturn
+from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-from omegaconf import OmegaConf
+
+from hydra_plugins.clse_exp_packed.submit import SubmittingLauncher
 
 log = logging.getLogger(__name__)
 
 
-class PackedLauncher(BaseSubmititLauncher):
+class PackedLauncher(SubmittingLauncher):
     """`points_per_job` sweep points per submitted job; results come back in sweep order."""
 
     def __init__(self, points_per_job: int = 4, **params: Any) -> None:
@@ -36,25 +35,13 @@ class PackedLauncher(BaseSubmititLauncher):
         return [BaseSubmititLauncher.__call__(self, *point) for point in points]
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:
-        import submitit
-
-        params = dict(self.params)
-        init = {"folder": params.pop("submitit_folder")}
-        if "max_num_timeout" in params:
-            init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
-        shared = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{k if k in shared else f"{self._EXECUTOR}_{k}": v for k, v in params.items()})
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        points = []
-        for offset, overrides in enumerate(job_overrides):
-            idx = initial_job_idx + offset
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-            points.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+        executor = self._executor()
+        points = self._points(job_overrides, initial_job_idx)
         packs = [points[i : i + self.points_per_job] for i in range(0, len(points), self.points_per_job)]
         log.info(f"{len(points)} sweep points in {len(packs)} jobs of up to {self.points_per_job}")
         jobs = executor.map_array(self.run_points, packs)
-        return [result for job in jobs for result in job.results()[0]]
+        labels = ["; ".join(self._label(point) for point in pack) for pack in packs]
+        return [result for results in self._wait(jobs, labels) for result in results]
 
 
 class PackedLocalLauncher(PackedLauncher):
