@@ -2,18 +2,22 @@
 
 Reads every summary.json under the folder (and error.txt of points that could not run), writes
 report.md, report.csv and PNG plots beside the sweep: metric vs keep per method, metric vs prefill TFLOPs,
-and the row histogram of kept tokens per method. With W&B online and wandb-workspaces installed it can
-also build a W&B report; offline it prints how to sync.
+and the row histogram of kept tokens per method. When the sweep logged to W&B (logger=wandb) and W&B is
+online, it also builds a W&B report of the sweep's group (wandb-workspaces) and prints its URL; offline it
+prints how to sync the runs and build that report later (`--wandb`). A W&B failure is one warning line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import shlex
+import sys
 from pathlib import Path
 
 import pandas as pd
+
+from clse_exp.tracking import wandb_report
 
 ID_COLUMNS = ("model", "dataset", "method", "keep", "budget", "schedule", "layers")
 
@@ -32,6 +36,7 @@ def collect(root: Path) -> tuple[pd.DataFrame, list[dict]]:
         row.update({f"retention_{k}": v for k, v in summary.get("retention", {}).items() if not isinstance(v, list)})
         row.update({k: v for k, v in summary.get("efficiency", {}).items() if isinstance(v, int | float)})
         row["kept_row_histogram"] = summary.get("retention", {}).get("kept_row_histogram")
+        row["wandb"] = wandb_report.run_identity(cfg)
         rows.append(row)
     for path in sorted(root.rglob("error.txt")):
         failed.append({"run_dir": str(path.parent.relative_to(root)), "error": path.read_text().strip()})
@@ -103,7 +108,7 @@ def write_report(root: Path) -> dict:
         raise SystemExit(f"clse_exp.report: error: no summary.json under {root}")
     metric = headline_metric(frame)
     frame = add_relative(frame, metric)
-    flat = frame.drop(columns=["kept_row_histogram"])
+    flat = frame.drop(columns=["kept_row_histogram", "wandb"])
     flat.to_csv(root / "report.csv", index=False)
     lines = [f"# Sweep report: {root}", "", f"Headline metric: `{metric}` (relative = pruned / unpruned).", "",
              table(frame, metric).to_markdown(floatfmt=".4g"), "", "## Relative to unpruned", "",
@@ -113,20 +118,52 @@ def write_report(root: Path) -> dict:
         lines += ["", "## Points that could not run", ""] + [f"- `{f['run_dir']}`: {f['error']}" for f in failed]
     (root / "report.md").write_text("\n".join(lines) + "\n")
     images = plots(frame, metric, root)
-    return {"runs": len(frame), "failed": len(failed), "metric": metric, "images": [str(p) for p in images]}
+    return {"runs": len(frame), "failed": len(failed), "metric": metric, "images": [str(p) for p in images],
+            "wandb": wandb_report.sweep_target(zip(frame["method"], frame["wandb"], strict=True)),
+            "run_dirs": list(frame["run_dir"])}
+
+
+def build_wandb_report(root: Path, result: dict) -> None:
+    """Save the sweep's W&B report and print its URL; any failure is one warning line on stderr."""
+    target = result["wandb"]
+    try:
+        if target is None:
+            raise ValueError("no run of this sweep was logged with logger=wandb")
+        url = wandb_report.publish(target, result["metric"], target.group or root.resolve().name)
+    except Exception as err:  # noqa: BLE001 - W&B must never fail the local report
+        reason = " ".join(str(err).split()) or type(err).__name__
+        print(f"W&B report: warning: not built ({reason}); the local report is complete.", file=sys.stderr)
+        return
+    elsewhere = f" ({target.elsewhere} runs logged to another project/group are not in it)" if target.elsewhere else ""
+    print(f"W&B report: {url}{elsewhere}")
+
+
+def offline_hint(root: Path, result: dict) -> str:
+    build = f"`python -m clse_exp.report {shlex.quote(str(root))} --wandb` builds the W&B report"
+    if result["wandb"] is None:
+        return ("W&B: offline. Results stay on disk; with logger=wandb runs, `wandb sync <run dir>/wandb` uploads "
+                f"them, then {build}.")
+    sync = wandb_report.sync_command(root, result["run_dirs"])
+    return f"W&B: offline. `{sync}` uploads the {result['runs']} runs, then {build}."
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m clse_exp.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                        help="build the W&B report of the sweep (default: when its runs logged to W&B and W&B "
+                             "is online, i.e. an API key and WANDB_MODE not offline); --no-wandb skips it")
     args = parser.parse_args()
     if not args.sweep_dir.is_dir():
         raise SystemExit(f"clse_exp.report: error: {args.sweep_dir} is not a directory")
     result = write_report(args.sweep_dir)
     print(f"{result['runs']} runs ({result['failed']} failed points) -> {args.sweep_dir}/report.md, report.csv, "
           f"{len(result['images'])} plots")
-    if os.environ.get("WANDB_MODE", "offline") == "offline" or not os.environ.get("WANDB_API_KEY"):
-        print("W&B: offline. Results stay on disk; with logger=wandb runs, `wandb sync <run dir>/wandb` uploads them.")
+    online = wandb_report.wandb_online()
+    if args.wandb or (args.wandb is None and online and result["wandb"] is not None):
+        build_wandb_report(args.sweep_dir, result)
+    elif args.wandb is None and not online:
+        print(offline_hint(args.sweep_dir, result))
 
 
 if __name__ == "__main__":

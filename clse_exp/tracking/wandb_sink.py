@@ -17,8 +17,12 @@ def resolve_mode(mode: str) -> str:
         return mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _netrc()
-    return "online" if has_key else "offline"
+    return "online" if has_api_key() else "offline"
+
+
+def has_api_key() -> bool:
+    """An API key in WANDB_API_KEY or in ~/.netrc (what `wandb login` writes)."""
+    return bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _netrc()
 
 
 def _netrc() -> str:
