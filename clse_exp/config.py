@@ -28,9 +28,13 @@ class TinySpec:
     num_heads: int = 4
     num_kv_heads: int = 2
     vision_depth: int = 2
+    vision_embed_dim: int = 32
+    vision_heads: int = 2
+    rope_theta: float = 10000.0
     image_size: int = 112
     seed: int = 0
     initializer_range: float = 0.02
+    tokenizer_file: str | None = None  # a saved tokenizer.json (relative to the clse_exp package); null trains one
 
 
 @dataclass

@@ -13,8 +13,9 @@ from pathlib import Path
 from clse_exp.config import group_options
 
 
-def cli(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "clse_exp", *overrides]
+def cli(*overrides: str, model: str = "tiny_qwen2vl") -> list[str]:
+    """The CLI on the 28-layer tiny model by default (keep=0.1 averaged over layers needs the real depth)."""
+    return [sys.executable, "-m", "clse_exp", *overrides, f"model={model}"]
 
 
 def read_predictions(run_dir: Path) -> list[dict]:
@@ -22,7 +23,8 @@ def read_predictions(run_dir: Path) -> list[dict]:
 
 
 def test_default_run_writes_predictions_and_summary(tmp_path):
-    result = subprocess.run(cli(f"hydra.run.dir={tmp_path}", "dataset.limit=6"), capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "clse_exp", f"hydra.run.dir={tmp_path}", "dataset.limit=6"],
+                            capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -32,7 +34,7 @@ def test_default_run_writes_predictions_and_summary(tmp_path):
     efficiency = summary["efficiency"]
     assert 0 < efficiency["flops_ratio"] < 1 and 0 < efficiency["kv_ratio"] < 1
     assert efficiency["mean_batch_kv_bytes_measured"] > 0 and efficiency["mean_batch_prefill_s"] > 0
-    assert summary["config"]["model"]["name"] == "tiny_qwen2vl"
+    assert summary["config"]["model"]["name"] == "toy_qwen2vl"
     records = read_predictions(tmp_path)
     assert [r["id"] for r in records] == [f"synthetic-test-{i:05d}" for i in range(6)]
     assert "accuracy" in result.stdout  # the results table

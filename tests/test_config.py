@@ -28,12 +28,14 @@ def test_methods_pick_their_default_layers_and_users_can_override():
     assert list(compose_config(["prune=divprune"]).layers.prune_layers) == [0]
     assert list(compose_config(["prune=clse", "model=qwen2vl"]).layers.prune_layers) == [1, 10, 19]
     assert list(compose_config(["prune=clse", "model=llava15"]).layers.prune_layers) == [1, 11, 21]
-    single = compose_config(["prune=fastv", "layers=single", "layers.prune_layers=[5]"])
+    single = compose_config(["prune=fastv", "layers=single", "layers.prune_layers=[5]", "model=tiny_qwen2vl"])
     assert list(single.layers.prune_layers) == [5]
 
 
 def run_cli(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clse_exp", *overrides], capture_output=True, text=True,
+    """The CLI on the 28-layer tiny model unless a test names a model (the messages quote its depth)."""
+    model = [] if any(o.startswith("model=") for o in overrides) else ["model=tiny_qwen2vl"]
+    return subprocess.run([sys.executable, "-m", "clse_exp", *overrides, *model], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 

@@ -27,7 +27,7 @@ def test_packed_launcher_loads_the_model_once_per_job(tmp_path):
     import json
 
     args = [sys.executable, "-m", "clse_exp", "-m", "hydra/launcher=packed_local", "hydra.launcher.points_per_job=2",
-            "prune=none,random,fastv", "keep=0.3", "dataset.limit=1", "eval.reference=false",
+            "prune=none,random,fastv", "keep=0.3", "dataset.limit=1", "eval.reference=false", "model=tiny_qwen2vl",
             f"hydra.sweep.dir={tmp_path}"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

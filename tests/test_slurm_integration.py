@@ -83,7 +83,7 @@ def slurm():
 
 def sweep_args(sweep_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "clse_exp", "-m", "hydra/launcher=slurm", "+cluster=local", *overrides,
-            f"hydra.sweep.dir={sweep_dir}"]
+            "model=tiny_qwen2vl", f"hydra.sweep.dir={sweep_dir}"]
 
 
 def test_sweep_runs_every_point_on_slurm_and_reports(slurm, tmp_path):

@@ -109,8 +109,7 @@ def ask(qtype: str, scene: list[dict], grid: int, rng: random.Random, where: str
     if qtype in ("colour", "shape"):
         item = rng.choice(scene)
         place = cell_name(item["row"], item["col"], grid)
-        question = f"What {qtype} is the shape in the {place} cell?" if qtype == "colour" else \
-            f"What shape is in the {place} cell?"
+        question = f"What {qtype} is the object in the {place} cell?"  # one template: same token offsets
         return question, item[qtype], {"cell": [item["row"], item["col"]]}
     if qtype == "count":
         if rng.random() < 0.5:
@@ -200,7 +199,7 @@ def synthetic_dataset(size: int, split: str = "test", seed: int = 0, variant: st
 def vocabulary_corpus() -> list[str]:
     """Every word and phrase the templates produce, for training a small tokenizer."""
     words = ["Is there a", "in the image?", "in the first image?", "in the second image?", "in the frame?",
-             "What colour is the shape in the", "What shape is in the", "cell?", "cell of the first image?",
+             "What colour is the object in the", "What shape is the object in the", "cell?", "cell of the first image?",
              "cell of the second image?", "How many", "shapes are there?", "shapes are there in the two images "
              "together?", "Is the", "left of the", "above the", "In the first frame:", "In the last frame:",
              INSTRUCTION.strip(), "row", "column", *CELL_NAMES_3.values(), *ANSWER_VOCAB,

@@ -7,6 +7,7 @@ so every code path the pruning engine takes on a 7B model is exercised on a lapt
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,7 +124,7 @@ def _qwen_text_config(spec: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
         num_attention_heads=spec["num_heads"],
         num_key_value_heads=spec["num_kv_heads"],
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.get("rope_theta", 10000.0),
                          "mrope_section": [temporal, height, half - temporal - height]},
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -143,9 +144,20 @@ def _qwen_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
     )
 
 
+def saved_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    """A shipped tokenizer.json (the toy checkpoint's), with the Qwen specials' roles."""
+    from clse_exp.models import PACKAGE_DIR
+
+    file = path if Path(path).is_absolute() else PACKAGE_DIR / path
+    return PreTrainedTokenizerFast(tokenizer_file=str(file), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   padding_side="left")
+
+
 def build_tiny_qwen(spec: dict, family: str) -> tuple[nn.Module, Any]:
-    tokenizer = build_tokenizer(QWEN_SPECIALS)
-    vision = dict(depth=spec["vision_depth"], embed_dim=32, hidden_size=spec["hidden_size"], num_heads=2)
+    file = spec.get("tokenizer_file")
+    tokenizer = saved_tokenizer(file) if file else build_tokenizer(QWEN_SPECIALS)
+    vision = dict(depth=spec["vision_depth"], embed_dim=spec.get("vision_embed_dim", 32),
+                  hidden_size=spec["hidden_size"], num_heads=spec.get("vision_heads", 2))
     image_processor = Qwen2VLImageProcessorPil(min_pixels=spec["min_pixels"], max_pixels=spec["max_pixels"])
     video_processor = FrameVideoProcessor(spec["min_pixels"], spec["max_pixels"])
     if family == "qwen2_vl":
