@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from clse_exp.api import compose_config
+from clse_exp.config import CONF_DIR
 from clse_exp.runner import run
 from clse_exp.toy.batches import evidence_targets, training_batch
 from clse_exp.toy.curriculum import training_sample
@@ -63,7 +64,7 @@ def test_evidence_targets_cover_the_named_cell():
 
 def test_training_script_writes_a_loadable_checkpoint(tmp_path):
     cfg = OmegaConf.to_container(compose_config(["model=toy_qwen2vl"]).model, resolve=True)
-    train_cfg = OmegaConf.to_container(OmegaConf.load("clse_exp/conf/toy_train.yaml"))
+    train_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "toy_train.yaml"))
     train_cfg.pop("defaults"), train_cfg.pop("hydra")
     train_cfg.update(model=cfg, eval_size=4, log_every=1, out_dir=str(tmp_path))
     train_cfg["optim"].update(steps=2, batch_size=4)

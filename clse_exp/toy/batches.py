@@ -49,11 +49,10 @@ def evidence_targets(inputs: dict, samples: list[Sample], image_token_id: int, g
         side = int(len(positions) ** 0.5)
         if side * side != len(positions) or side % grid:
             raise ValueError(f"{len(positions)} visual tokens do not tile a {grid} x {grid} grid")
-        per_cell = side // grid
-        for r, c in sample.meta.get("evidence", []):
-            for dr in range(per_cell):
-                start = (r * per_cell + dr) * side + c * per_cell
-                targets[row, positions[start:start + per_cell]] = 1.0
+        evidence = set(sample.meta.get("evidence", []))
+        for index, cell in enumerate(token_cells(side, grid)):
+            if cell in evidence:
+                targets[row, positions[index]] = 1.0
     total = targets.sum(-1, keepdim=True)
     return torch.where(total > 0, targets / total.clamp(min=1), targets)
 
@@ -68,12 +67,16 @@ def cell_labels(samples: list[Sample], tokens_per_side: int, grid: int) -> torch
     """Per merged visual token (samples in order, raster within each image): [colour, shape] class of its cell,
     with len(COLOURS) / len(SHAPES) meaning an empty cell."""
     colours, shapes = list(COLOURS), list(SHAPES)
-    per_cell = tokens_per_side // grid
+    empty = (len(colours), len(shapes))
     rows = []
     for sample in samples:
         cells = {(s["row"], s["col"]): (colours.index(s["colour"]), shapes.index(s["shape"]))
                  for s in sample.meta["scene"]}
-        for r in range(tokens_per_side):
-            for c in range(tokens_per_side):
-                rows.append(cells.get((r // per_cell, c // per_cell), (len(colours), len(shapes))))
+        rows += [cells.get(cell, empty) for cell in token_cells(tokens_per_side, grid)]
     return torch.tensor(rows)
+
+
+def token_cells(tokens_per_side: int, grid: int) -> list[tuple[int, int]]:
+    """The grid cell (row, col) of each merged visual token, in the raster order Qwen2-VL emits them."""
+    per_cell = tokens_per_side // grid
+    return [(r // per_cell, c // per_cell) for r in range(tokens_per_side) for c in range(tokens_per_side)]

@@ -1,7 +1,7 @@
 """Train the toy Qwen2-VL on the synthetic task: `python -m clse_exp.toy.train` (config: conf/toy_train.yaml).
 
-Deterministic by seed on CPU: the same command gives the same weights (up to float reduction order) and
-the same held-out accuracy. Writes model.safetensors, tokenizer.json and train_log.json to `out_dir`.
+Deterministic by seed on CPU: the same command on the same machine gives byte-identical weights.
+Writes model.safetensors, tokenizer.json and train_log.json to `out_dir`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from clse_exp.data.synthetic import COLOURS, SHAPES, make_sample
-from clse_exp.metrics.synthetic import normalize_answer
+from clse_exp.data.sample import Sample
+from clse_exp.data.synthetic import COLOURS, SHAPES, synthetic_dataset
+from clse_exp.metrics.synthetic import score
 from clse_exp.models.base import LoadedModel
 from clse_exp.models.qwen2_vl import Qwen2VLAdapter
 from clse_exp.models.tiny import build_tiny_qwen
+from clse_exp.runner import batched, decode, generate
 from clse_exp.toy.batches import answer_query_index, cell_labels, evidence_targets, training_batch
 from clse_exp.toy.curriculum import training_sample
 
@@ -30,11 +32,6 @@ def build_untrained(model_cfg: dict) -> LoadedModel:
                 tokenizer_file=None)  # a fresh tokenizer (the shipped file is this one, saved)
     model, processor = build_tiny_qwen(spec, "qwen2_vl")
     return LoadedModel(model_cfg["name"], model, processor, Qwen2VLAdapter(), model_cfg)
-
-
-def _samples(data: dict, split: str, start: int, count: int) -> list:
-    return [make_sample(i, split=split, seed=data["seed"], image_size=data["image_size"], grid=data["grid"],
-                        qtypes=data["qtypes"]) for i in range(start, start + count)]
 
 
 def qtypes_at(step: int, data: dict) -> list[str]:
@@ -52,23 +49,15 @@ def lr_at(step: int, cfg: dict) -> float:
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@torch.no_grad()
-def evaluate(loaded: LoadedModel, samples: list, batch_size: int = 32) -> dict[str, float]:
-    """Greedy answers, scored like the runner scores the synthetic task: accuracy overall and per qtype."""
+def evaluate(loaded: LoadedModel, samples: list[Sample], batch_size: int = 32) -> dict[str, float]:
+    """Greedy answers through the runner's own generate/decode, scored by the synthetic task's scorer."""
     loaded.model.eval()
-    tokenizer = loaded.processor.tokenizer
-    hits: dict[str, list[bool]] = {}
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
+    predictions = []
+    for chunk in batched(samples, batch_size):
         inputs = loaded.prepare(chunk)
-        out = loaded.model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for sample, answer in zip(chunk, answers, strict=True):
-            hits.setdefault(sample.meta["qtype"], []).append(normalize_answer(answer) == sample.answer)
-    every = [h for group in hits.values() for h in group]
-    result = {"accuracy": sum(every) / len(every)}
-    result.update({f"accuracy_{q}": sum(h) / len(h) for q, h in sorted(hits.items())})
-    return result
+        out = generate(loaded, inputs, max_new_tokens=4)
+        predictions += decode(loaded, out.sequences, inputs["input_ids"].shape[1])
+    return score([{"answer": s.answer, "qtype": s.meta["qtype"]} for s in samples], predictions)
 
 
 class CellProbe(torch.nn.Module):
@@ -109,23 +98,20 @@ def train(cfg: dict[str, Any], log: Any = print) -> tuple[LoadedModel, dict]:
     torch.set_num_threads(cfg["threads"]) if cfg.get("threads") else None
     loaded = build_untrained(cfg["model"])
     model, opt_cfg, data = loaded.model, cfg["optim"], cfg["data"]
-    vision = [p for n, p in model.named_parameters() if "visual" in n]
-    rest = [p for n, p in model.named_parameters() if "visual" not in n]
-    optimizer = torch.optim.AdamW(
-        [{"params": rest, "lr_scale": 1.0}, {"params": vision, "lr_scale": opt_cfg["vision_lr_scale"]}],
-        lr=opt_cfg["lr"], betas=(0.9, 0.98), weight_decay=opt_cfg["weight_decay"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg["lr"], betas=(0.9, 0.98),
+                                  weight_decay=opt_cfg["weight_decay"])
     aux, image_token = cfg["grounding"], model.config.image_token_id
     probe = CellProbe(model.config.text_config.hidden_size) if cfg["probe"]["weight"] > 0 else None
     captured: list[torch.Tensor] = []
     if probe is not None:
         hook = model.model.visual.merger.register_forward_hook(lambda _m, _a, out: captured.append(out))
-        optimizer.add_param_group({"params": list(probe.parameters()), "lr_scale": 1.0})
+        optimizer.add_param_group({"params": list(probe.parameters())})
     model.set_attn_implementation("eager" if aux["weight"] > 0 else cfg["model"]["attn_implementation"])
     losses, started = [], time.perf_counter()
     model.train()
     for step in range(opt_cfg["steps"]):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, opt_cfg) * group["lr_scale"]
+            group["lr"] = lr_at(step, opt_cfg)
         first = step * opt_cfg["batch_size"]
         qtypes = qtypes_at(step, data)
         samples = [training_sample(i, data["seed"], qtypes, data["image_size"], data["grid"])
@@ -154,7 +140,9 @@ def train(cfg: dict[str, Any], log: Any = print) -> tuple[LoadedModel, dict]:
     if probe is not None:
         hook.remove()
     model.set_attn_implementation(cfg["model"]["attn_implementation"])
-    heldout = evaluate(loaded, _samples(data, cfg["eval_split"], 0, cfg["eval_size"]))
+    heldout = evaluate(loaded, synthetic_dataset(cfg["eval_size"], split=cfg["eval_split"], seed=data["seed"],
+                                                 image_size=data["image_size"], grid=data["grid"],
+                                                 qtypes=data["qtypes"]))
     log(f"held-out {cfg['eval_split']} accuracy {heldout['accuracy']:.4f} ({cfg['eval_size']} samples)")
     return loaded, {"train_seconds": train_seconds, "losses": losses, "heldout": heldout}
 
