@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from clse_exp.efficiency.accounting import run_costs, sample_costs
 from clse_exp.efficiency.kv_cache import measured_kv_bytes
 from clse_exp.efficiency.memory import peak_memory_bytes, reset_peak
 from clse_exp.efficiency.timing import GenerationTimer
+from clse_exp.generation import batched, decode, generate
 from clse_exp.metrics import score
 from clse_exp.metrics.fidelity import first_token_kl
 from clse_exp.metrics.positions import positional_summary
@@ -34,29 +33,6 @@ from clse_exp.tracking.overlay import kept_overlay
 from clse_exp.tracking.wandb_sink import WandbSink
 
 console = Console(stderr=True)
-
-
-def batched(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def generate(loaded: models.LoadedModel, inputs: dict, max_new_tokens: int, pruner: Any = None,
-             timer: GenerationTimer | None = None) -> Any:
-    """Greedy generation, pruned when `pruner` is given; returns sequences and per-step logits."""
-    tokenizer = loaded.processor.tokenizer
-    with (torch.inference_mode(), (pruner.attach(loaded.model) if pruner is not None else nullcontext()),
-          timer or nullcontext()):
-        return loaded.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, output_scores=True,
-            return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            temperature=None, top_p=None, top_k=None,
-        )
-
-
-def decode(loaded: models.LoadedModel, sequences: torch.Tensor, prompt_length: int) -> list[str]:
-    texts = loaded.processor.tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
-    return [t.strip() for t in texts]
 
 
 def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens: int, pruner: Any,

@@ -18,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from clse_exp.data.sample import Sample
 from clse_exp.data.synthetic import COLOURS, SHAPES, synthetic_dataset
+from clse_exp.generation import batched, decode, generate
 from clse_exp.metrics.synthetic import score
 from clse_exp.models.base import LoadedModel
 from clse_exp.models.qwen2_vl import Qwen2VLAdapter
 from clse_exp.models.tiny import build_tiny_qwen
-from clse_exp.runner import batched, decode, generate
 from clse_exp.toy.batches import answer_query_index, cell_labels, evidence_targets, training_batch
 from clse_exp.toy.curriculum import training_sample
 
