@@ -15,8 +15,10 @@ from clse_exp.data.sample import Sample
 class VisualSegment:
     """One image (or one video) inside a prompt: where its tokens sit and how they are laid out.
 
-    `start` indexes the (padded) input sequence; the segment covers `t * h * w` consecutive tokens,
-    laid out row-major as frame, row, column, exactly as the LLM sees them (after Qwen's 2x2 merge).
+    `start` indexes the (padded) input sequence; the segment covers `t * h * w` tokens laid out row-major
+    as frame, row, column, exactly as the LLM sees them (after Qwen's 2x2 merge). They are consecutive
+    unless `index` lists their sequence positions in that order (families that interleave separator
+    tokens, e.g. a newline token after each row, which belong to no grid and are never pruned).
     """
 
     start: int
@@ -24,10 +26,16 @@ class VisualSegment:
     h: int
     w: int
     kind: str = "image"
+    index: tuple[int, ...] | None = None
 
     @property
     def length(self) -> int:
         return self.t * self.h * self.w
+
+    @property
+    def positions(self) -> range | tuple[int, ...]:
+        """Sequence positions of the grid's tokens, in (frame, row, column) order."""
+        return range(self.start, self.start + self.length) if self.index is None else self.index
 
     @property
     def grid(self) -> tuple[int, int, int]:

@@ -340,7 +340,7 @@ def _visual_rank(layout: list[list[VisualSegment]], batch: int, length: int, dev
     for b, segments in enumerate(layout):
         offset = 0
         for seg in segments:
-            rank[b, seg.start : seg.start + seg.length] = torch.arange(offset, offset + seg.length, device=device)
+            rank[b, list(seg.positions)] = torch.arange(offset, offset + seg.length, device=device)
             offset += seg.length
     return rank
 
