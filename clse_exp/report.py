@@ -1,46 +1,121 @@
 """`python -m clse_exp.report <sweep dir>`: tables and plots from the run folders of a sweep.
 
-Reads every summary.json under the folder (and error.txt of points that could not run), writes
-report.md, report.csv and PNG plots beside the sweep: metric vs keep per method, metric vs prefill TFLOPs,
-and the row histogram of kept tokens per method. When the sweep logged to W&B (logger=wandb) and W&B is
-online, it also builds a W&B report of the sweep's group (wandb-workspaces) and prints its URL; offline it
-prints how to sync the runs and build that report later (`--wandb`). A W&B failure is one warning line.
+Reads every summary.json under the folder and the state of every sweep point (clse_exp.sweep_status:
+error.txt, crash.txt, unfinished folders), writes report.md, report.csv and PNG plots beside the sweep:
+metric vs keep per method, metric vs prefill TFLOPs, and the row histogram of kept tokens per method.
+Every config key that varies across the runs (read from each summary's resolved config) is a column of
+the all-runs table and a row key of the method x keep tables, so no two settings are averaged together.
+The unpruned run (prune=none) is one baseline whatever its keep. When the sweep logged to W&B
+(logger=wandb) and W&B is online, it also builds a W&B report of the sweep's group (wandb-workspaces)
+and prints its URL; offline it prints how to sync the runs and build that report later (`--wandb`).
+A W&B failure is one warning line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from clse_exp import sweep_status
 from clse_exp.tracking import wandb_report
 
 ID_COLUMNS = ("model", "dataset", "method", "keep", "budget", "schedule", "layers")
+SHOWN_AS = {"prune.name": "method", "model.name": "model", "dataset.name": "dataset"}
+# Keys that are the table's columns or split it into sections, never row keys.
+AXES = ("keep", "budget", "schedule")
+UNPRUNED = "unpruned"
+MISSING = "-"  # a key the run's config does not have (e.g. prune.filter for fastv), or one prune=none ignores
 
 
-def collect(root: Path) -> tuple[pd.DataFrame, list[dict]]:
-    """One row per finished run (metrics, retention, efficiency flattened), and the failed points."""
-    rows, failed = [], []
-    for path in sorted(root.rglob("summary.json")):
-        summary = json.loads(path.read_text())
-        cfg = summary["config"]
-        row = {"model": cfg["model"]["name"], "dataset": cfg["dataset"]["name"], "method": cfg["prune"]["name"],
-               "keep": cfg["keep"], "budget": cfg["budget"], "schedule": cfg["schedule"],
-               "layers": f"{cfg['layers']['reference_layer']}->{cfg['layers']['prune_layers']}",
-               "n_samples": summary["n_samples"], "run_dir": str(path.parent.relative_to(root))}
-        row.update({k: v for k, v in summary["metrics"].items() if isinstance(v, int | float)})
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested config; lists become compact JSON so that they compare and print as values."""
+    if not isinstance(node, dict):
+        return {prefix: json.dumps(node, separators=(",", ":")) if isinstance(node, list) else node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def ignored_by_unpruned(key: str) -> bool:
+    """prune=none runs the stock model: its keep, budget, schedule, layers and method knobs mean nothing."""
+    head = key.split(".")[0]
+    return head in sweep_status.UNPRUNED_IGNORES or (head == "prune" and key != "prune.name")
+
+
+def keep_meaning(budget: str, schedule: str) -> str:
+    """What the keep axis means for runs with this budget and schedule (README, Budget semantics)."""
+    if schedule == "paper":
+        return "keep (the paper's nominal budget: per-stage tables, schedule=paper)"
+    if budget == "final":
+        return "keep (fraction after the last cut)"
+    return "keep (layer-averaged)"
+
+
+def collect(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[sweep_status.Point]]:
+    """One row per finished run (metrics, retention, efficiency flattened), its flattened config (as strings,
+    `-` where absent or ignored by prune=none), and every sweep point that has no result of its own."""
+    rows, configs = [], []
+    for path in sorted(root.rglob(sweep_status.SUMMARY)):
+        try:
+            summary = json.loads(path.read_text())
+            cfg = summary["config"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise SystemExit(f"clse_exp.report: error: {path} is not a run summary ({type(err).__name__}: {err})") \
+                from None
+        flat = flatten(cfg)
+        method = flat.get("prune.name")
+        unpruned = method == "none"
+        layers = MISSING if unpruned else f"{flat.get('layers.reference_layer')}->{flat.get('layers.prune_layers')}"
+        row = {"model": flat.get("model.name"), "dataset": flat.get("dataset.name"), "method": method,
+               "keep": float("nan") if unpruned else flat.get("keep"),
+               "budget": MISSING if unpruned else flat.get("budget", "average"),
+               "schedule": MISSING if unpruned else flat.get("schedule", "auto"), "layers": layers,
+               "n_samples": summary.get("n_samples"), "run_dir": str(path.parent.relative_to(root))}
+        row.update({k: v for k, v in summary.get("metrics", {}).items() if isinstance(v, int | float)})
         row.update({f"retention_{k}": v for k, v in summary.get("retention", {}).items() if not isinstance(v, list)})
         row.update({k: v for k, v in summary.get("efficiency", {}).items() if isinstance(v, int | float)})
         row["kept_row_histogram"] = summary.get("retention", {}).get("kept_row_histogram")
         row["wandb"] = wandb_report.run_identity(cfg)
         rows.append(row)
-    for path in sorted(root.rglob("error.txt")):
-        failed.append({"run_dir": str(path.parent.relative_to(root)), "error": path.read_text().strip()})
-    return pd.DataFrame(rows), failed
+        configs.append({k: MISSING if unpruned and ignored_by_unpruned(k) else str(v) for k, v in flat.items()})
+    points = [p for p in sweep_status.find_points(root) if p.state != "done"]
+    return pd.DataFrame(rows), pd.DataFrame(configs).fillna(MISSING), points
+
+
+def swept_keys(frame: pd.DataFrame, configs: pd.DataFrame) -> list[str]:
+    """The config keys that tell runs apart beyond model, dataset, method and the keep axes, fewest first.
+
+    A method knob or layer choice (prune.*, layers.*) counts when it varies between runs of one method
+    (fastv and clse having different defaults is the method, not a sweep); any other key (dataset.*,
+    model.*, seed, eval.*, ...) counts when it varies at all. Keys that follow from those already chosen
+    (model.path from model.name) are left out.
+    """
+    fixed = set(SHOWN_AS) | set(AXES)
+    config = configs.assign(method=frame["method"].values)
+    by_method = config.groupby("method")
+
+    def varies(key: str) -> bool:
+        if key.split(".")[0] in ("prune", "layers"):
+            return bool((by_method[key].nunique() > 1).any())
+        return config[key].nunique() > 1
+
+    candidates = sorted((k for k in configs.columns if k not in fixed and varies(k)),
+                        key=lambda k: (not k.endswith(".name"), k.count("."), k))
+    chosen: list[str] = []
+    base = config.assign(model=frame["model"].values, dataset=frame["dataset"].values)
+    for key in candidates:
+        if (base.groupby(["model", "dataset", "method", *chosen])[key].nunique() > 1).any():
+            chosen.append(key)
+    return chosen
 
 
 def headline_metric(frame: pd.DataFrame) -> str:
@@ -48,77 +123,196 @@ def headline_metric(frame: pd.DataFrame) -> str:
     preferred = ("accuracy", "pope_f1_score", "mme_total_score", "exact_match", "gpt_eval_score",
                  "ocrbench_accuracy", "average", "seed_image", "videomme_perception_score", "mvbench_accuracy",
                  "agreement")
-    return next(m for m in preferred if m in frame.columns)
+    return next((m for m in preferred if m in frame.columns), "n_samples")
 
 
-def add_relative(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """metric / the unpruned run's metric on the same model and dataset (`relative`)."""
-    base = frame[frame["method"] == "none"].set_index(["model", "dataset"])[metric]
-    keys = list(zip(frame["model"], frame["dataset"], strict=True))
-    frame["relative"] = [row / base.get(key, float("nan")) if key in base.index and base[key] else float("nan")
-                         for row, key in zip(frame[metric], keys, strict=True)]
+def baseline_keys(keys: list[str]) -> list[str]:
+    """The row keys an unpruned run shares with the pruned runs it is the baseline of."""
+    return ["model", "dataset", *(k for k in keys if not ignored_by_unpruned(k))]
+
+
+def add_relative(frame: pd.DataFrame, metric: str, keys: list[str]) -> pd.DataFrame:
+    """metric / the metric of the unpruned run(s) with the same model, dataset and non-method swept keys."""
+    match = baseline_keys(keys)
+    base = frame[frame["method"] == "none"].groupby(match)[metric].mean()
+    lookup = pd.MultiIndex.from_frame(frame[match]) if len(match) > 1 else frame[match[0]]
+    reference = base.reindex(lookup).to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frame["relative"] = frame[metric].to_numpy() / reference
+    frame.loc[~(reference > 0), "relative"] = float("nan")
     return frame
 
 
-def table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Method x keep, one block per model/dataset."""
-    return frame.pivot_table(index=["model", "dataset", "method"], columns="keep", values=metric, aggfunc="mean")
+def keep_label(keep: float) -> str:
+    return UNPRUNED if pd.isna(keep) else f"{keep:g}"
 
 
-def plots(frame: pd.DataFrame, metric: str, out: Path) -> list[Path]:
+def natural(value: Any) -> str:
+    """A sort key that puts [2] before [10] and 0.05 before 0.1 in string-valued config columns."""
+    return re.sub(r"\d+(\.\d+)?", lambda m: f"{float(m.group()):024.9f}", str(value))
+
+
+def table(frame: pd.DataFrame, values: str, keys: list[str]) -> pd.DataFrame:
+    """Rows: model, dataset, swept keys, method; columns: `unpruned`, then each keep, largest first."""
+    cells = frame.assign(column=frame["keep"].map(keep_label))
+    pivot = cells.pivot_table(index=["model", "dataset", *keys, "method"], columns="column", values=values,
+                              aggfunc="mean", dropna=False).dropna(how="all")
+    order = sorted(pivot.columns, key=lambda c: (c != UNPRUNED, -float(c) if c != UNPRUNED else 0.0))
+    return pivot[order].sort_index(key=lambda level: level.map(natural))
+
+
+def sections(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """(keep meaning, file suffix, runs) per budget/schedule pair of the pruned runs; the unpruned runs go in each."""
+    unpruned = frame[frame["method"] == "none"]
+    pruned = frame[frame["method"] != "none"]
+    pairs = sorted(set(zip(pruned["budget"], pruned["schedule"], strict=True))) or [("average", "auto")]
+    out = []
+    for budget, schedule in pairs:
+        runs = pruned[(pruned["budget"] == budget) & (pruned["schedule"] == schedule)]
+        suffix = "" if len(pairs) == 1 else f"_{budget}" + ("_paper" if schedule == "paper" else "")
+        title = keep_meaning(budget, schedule) + ("" if len(pairs) == 1 else f", budget={budget} schedule={schedule}")
+        out.append((title, suffix, pd.concat([runs, unpruned])))
+    return out
+
+
+def series_label(row: pd.Series, keys: list[str]) -> str:
+    extra = [f"{k}={row[k]}" for k in keys if row[k] != MISSING]
+    return " ".join([str(row["method"]), *extra])
+
+
+def plots(frame: pd.DataFrame, metric: str, keys: list[str], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    for x, name in (("keep", "metric_vs_keep.png"), ("prefill_tflops_per_sample", "metric_vs_tflops.png")):
-        if x not in frame.columns:
-            continue
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for method, group in frame.groupby("method"):
-            group = group.sort_values(x)
-            ax.plot(group[x], group[metric], "o-", label=method)
-        ax.set_xlabel("keep (layer-averaged)" if x == "keep" else "prefill TFLOPs per sample")
-        ax.set_ylabel(metric)
-        ax.legend(fontsize=8)
+    def save(fig: Any, ax: Any, name: str) -> None:
+        ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(out / name)
-    hist = frame.dropna(subset=["kept_row_histogram"])
+
+    written: list[Path] = []
+    frame = frame.assign(series=[series_label(row, keys) for _, row in frame.iterrows()])
+    for title, suffix, runs in sections(frame):
+        pruned, unpruned = runs[runs["method"] != "none"], runs[runs["method"] == "none"]
+        if pruned.empty:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for label, group in pruned.groupby("series"):
+            group = group.groupby("keep")[metric].mean()
+            ax.plot(group.index, group.to_numpy(), "o-", label=label)
+        for label, group in unpruned.groupby("series"):
+            ax.axhline(group[metric].mean(), linestyle="--", color="grey", label=f"{label} (unpruned)")
+        ax.set_xlabel(title)
+        ax.set_ylabel(metric)
+        save(fig, ax, f"metric_vs_keep{suffix}.png")
+    if "prefill_tflops_per_sample" in frame.columns:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for label, group in frame.groupby("series"):
+            group = group.sort_values("prefill_tflops_per_sample")
+            ax.plot(group["prefill_tflops_per_sample"], group[metric], "*" if label == "none" else "o-", label=label)
+        ax.set_xlabel("prefill TFLOPs per sample")
+        ax.set_ylabel(metric)
+        save(fig, ax, "metric_vs_tflops.png")
+    hist = frame[frame["kept_row_histogram"].map(lambda h: isinstance(h, list) and len(h) > 0)]
     if len(hist):
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for method, group in hist.groupby("method"):
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        hist = hist.assign(bins=hist["kept_row_histogram"].map(len))
+        mixed = hist["bins"].nunique() > 1
+        for (label, bins), group in hist.groupby(["series", "bins"]):
             rows = pd.DataFrame(group["kept_row_histogram"].tolist()).mean()
-            ax.plot([(i + 0.5) / len(rows) for i in range(len(rows))], rows, "o-", label=method)
-        ax.set_xlabel("normalised image row of kept tokens (0 = top)")
+            label = f"{label} ({bins} row bands)" if mixed else label
+            ax.plot([(i + 0.5) / bins for i in range(bins)], rows, "o-", label=label)
+        ax.set_xlabel("image row of kept tokens (0 = top, 1 = bottom; one point per row)")
         ax.set_ylabel("fraction of kept tokens")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "kept_rows.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "kept_rows.png")
+        save(fig, ax, "kept_rows.png")
     return written
 
 
+def markdown(frame: pd.DataFrame) -> str:
+    """A table with empty cells (no run, no baseline) shown as `-` instead of nan."""
+    return frame.astype(object).where(frame.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval=MISSING)
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def counts_line(frame: pd.DataFrame, points: list[sweep_status.Point]) -> str:
+    """`16 runs, 2 points that could not run, 1 crashed/unfinished point`: every point of the folder counted."""
+    could_not = sum(p.state == "could_not_run" for p in points)
+    broken = sum(p.state in ("crashed", "unfinished") for p in points)
+    shared = sum(p.state == "same_as" for p in points)
+    parts = [plural(len(frame), "run"), f"{plural(could_not, 'point')} that could not run",
+             plural(broken, "crashed/unfinished point")]
+    if shared:
+        parts.append(f"{plural(shared, 'prune=none point')} sharing another point's unpruned run")
+    return ", ".join(parts)
+
+
+def override_group(override: str) -> str:
+    """`prune` for `prune.filter=x`, `+experiment=y`, `~layers`: the top-level key an override sets."""
+    return override.lstrip("+~").split("=")[0].split(".")[0].split("/")[0]
+
+
+def unpruned_hint(root: Path, frame: pd.DataFrame) -> str:
+    """How to add the missing unpruned runs to this sweep folder: the pruned points' shared non-method overrides."""
+    method_keys = ("prune", "experiment", *sweep_status.UNPRUNED_IGNORES)
+    overrides = None
+    for point in sweep_status.find_points(root):
+        if point.state == "done":
+            own = {o for o in point.overrides if override_group(o) not in method_keys}
+            overrides = own if overrides is None else overrides & own
+    names = [f"model={','.join(sorted(frame['model'].dropna().unique()))}",
+             f"dataset={','.join(sorted(frame['dataset'].dropna().unique()))}"]
+    extra = sorted(o for o in overrides or () if not o.startswith(("model=", "dataset=")))
+    command = " ".join(["python -m clse_exp -m prune=none", *names, *extra, f"hydra.sweep.dir={root}"])
+    return (f"No unpruned run (prune=none) in this folder, so nothing is relative to it. Add it with "
+            f"`{command}` (one run whatever keep), then rerun this report.")
+
+
 def write_report(root: Path) -> dict:
-    frame, failed = collect(root)
+    frame, configs, points = collect(root)
     if frame.empty:
-        raise SystemExit(f"clse_exp.report: error: no summary.json under {root}")
+        states = f" ({counts_line(frame, points)})" if points else ""
+        raise SystemExit(f"clse_exp.report: error: no summary.json under {root}{states}")
+    keys = swept_keys(frame, configs)
+    frame = pd.concat([frame, configs[keys]], axis=1)
     metric = headline_metric(frame)
-    frame = add_relative(frame, metric)
+    frame = add_relative(frame, metric, keys)
+    has_unpruned = (frame["method"] == "none").any()
+    columns = [*ID_COLUMNS, *keys, "n_samples", metric, "relative"]
     flat = frame.drop(columns=["kept_row_histogram", "wandb"])
+    flat = flat[columns + [c for c in flat.columns if c not in columns]]
     flat.to_csv(root / "report.csv", index=False)
-    lines = [f"# Sweep report: {root}", "", f"Headline metric: `{metric}` (relative = pruned / unpruned).", "",
-             table(frame, metric).to_markdown(floatfmt=".4g"), "", "## Relative to unpruned", "",
-             table(frame, "relative").to_markdown(floatfmt=".4g"), "", "## All runs", "",
-             flat.to_markdown(index=False, floatfmt=".4g")]
-    if failed:
-        lines += ["", "## Points that could not run", ""] + [f"- `{f['run_dir']}`: {f['error']}" for f in failed]
+    counts = counts_line(frame, points)
+    lines = [f"# Sweep report: {root}", "", f"{counts}. Headline metric: `{metric}` (relative = pruned / unpruned).",
+             "Rows are told apart by " + (", ".join(f"`{k}`" for k in keys) if keys else "method only")
+             + "; `unpruned` is the prune=none run (keep does not apply to it)."]
+    for title, _, runs in sections(frame):
+        lines += ["", f"## `{metric}` by {title}", "", markdown(table(runs, metric, keys).reset_index())]
+        lines += ["", f"### Relative to unpruned, by {title}", ""]
+        relative = table(runs, "relative", keys)
+        if not has_unpruned:
+            lines.append(unpruned_hint(root, frame))
+        elif relative.empty:
+            lines.append(f"No ratio is defined: the unpruned `{metric}` is 0 (or absent) for these runs.")
+        else:
+            lines.append(markdown(relative.reset_index()))
+    lines += ["", "## All runs", "", markdown(flat)]
+    for heading, states in (("Points that could not run", ("could_not_run",)),
+                            ("Crashed or unfinished points (rerun the same sweep command to resume them)",
+                             ("crashed", "unfinished"))):
+        listed = [p for p in points if p.state in states]
+        if listed:
+            lines += ["", f"## {heading}", ""]
+            lines += [f"- `{p.folder.relative_to(root)}` ({' '.join(p.overrides) or 'no overrides recorded'}): "
+                      f"{p.reason}" for p in listed]
     (root / "report.md").write_text("\n".join(lines) + "\n")
-    images = plots(frame, metric, root)
-    return {"runs": len(frame), "failed": len(failed), "metric": metric, "images": [str(p) for p in images],
+    images = plots(frame, metric, keys, root)
+    return {"runs": len(frame), "counts": counts, "metric": metric, "images": [str(p) for p in images],
             "wandb": wandb_report.sweep_target(zip(frame["method"], frame["wandb"], strict=True)),
             "run_dirs": list(frame["run_dir"])}
 
@@ -157,8 +351,7 @@ def main() -> None:
     if not args.sweep_dir.is_dir():
         raise SystemExit(f"clse_exp.report: error: {args.sweep_dir} is not a directory")
     result = write_report(args.sweep_dir)
-    print(f"{result['runs']} runs ({result['failed']} failed points) -> {args.sweep_dir}/report.md, report.csv, "
-          f"{len(result['images'])} plots")
+    print(f"{result['counts']} -> {args.sweep_dir}/report.md, report.csv, {len(result['images'])} plots")
     online = wandb_report.wandb_online()
     if args.wandb or (args.wandb is None and online and result["wandb"] is not None):
         build_wandb_report(args.sweep_dir, result)

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from clse_exp.errors import ConfigError
+
 
 class LocalSink:
     """`predictions.jsonl` (one flushed line per sample) and `summary.json` in one run folder.
@@ -23,21 +25,47 @@ class LocalSink:
         self._records = self._read_and_repair()
 
     def _read_and_repair(self) -> list[dict]:
+        """The finished records, once each; a torn last line (a killed write) is dropped and the file rewritten.
+
+        Anything else that is not a record (a `null` or non-object line, a record without a string `id`,
+        bytes that are not UTF-8, broken JSON before the last line) is damage no run of ours writes: it
+        raises ConfigError naming the file and line, so no sample is dropped or answered twice silently.
+        """
         if not self.predictions_path.exists():
             return []
-        lines = self.predictions_path.read_text().splitlines()
-        records, seen = [], set()
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+        data = self.predictions_path.read_bytes()
+        lines = data.split(b"\n")
+        torn_allowed = not data.endswith(b"\n")  # only an unterminated last line can be a killed write
+        if not torn_allowed:
+            lines.pop()  # the empty piece after the final newline
+        records, seen, rewrite = [], set(), torn_allowed
+        for number, raw in enumerate(lines, start=1):
+            last = number == len(lines)
+            if not raw.strip():
+                rewrite = True
                 continue
-            if record.get("id") not in seen:
-                seen.add(record.get("id"))
-                records.append(record)
-        if len(records) != len(lines) or not self.predictions_path.read_text().endswith("\n"):
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                if last and torn_allowed:
+                    continue
+                raise self._damaged(number, f"not UTF-8 JSON ({err})") from None
+            if not isinstance(record, dict):
+                raise self._damaged(number, f"{json.dumps(record)[:40]} is not a JSON object")
+            if not isinstance(record.get("id"), str):
+                raise self._damaged(number, f"a record without a string \"id\" (keys: {', '.join(sorted(record)[:8])})")
+            if record["id"] in seen:  # a sample written twice (concurrent writers): keep the first
+                rewrite = True
+                continue
+            seen.add(record["id"])
+            records.append(record)
+        if rewrite:
             self._atomic_write(self.predictions_path, "".join(json.dumps(r) + "\n" for r in records))
         return records
+
+    def _damaged(self, line: int, problem: str) -> ConfigError:
+        return ConfigError(f"{self.predictions_path}, line {line}: {problem}; each line must be one prediction "
+                           "record. Fix or delete that line (or the run folder), then rerun to resume")
 
     @property
     def records(self) -> list[dict]:

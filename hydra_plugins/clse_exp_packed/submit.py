@@ -11,6 +11,7 @@ fails with one line per lost job: its sweep points, the scheduler's state and it
 # No `from __future__ import annotations` (see packed.py: Hydra's plugin scan imports this module).
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from hydra.errors import CompactHydraException
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
+
+from clse_exp.sweep_status import attempt_points, failure_lines
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,12 @@ def wait_for_jobs(jobs: Sequence[Any], labels: Sequence[str], sweep_dir: str) ->
 
     results, lost = [], []
     for job, label in zip(jobs, labels, strict=True):
-        job.wait()
+        try:
+            job.wait()
+        except KeyboardInterrupt:
+            print(f"clse_exp: interrupted (jobs already submitted may still be running; finished points are kept in "
+                  f"{sweep_dir}); rerun the same command with hydra.sweep.dir={sweep_dir} to resume", file=sys.stderr)
+            raise SystemExit(130) from None
         state = str(job.state)
         where = f"log: {job.paths.stderr}"
         if not job.paths.result_pickle.exists() and state.upper().startswith(LOST_STATES):
@@ -69,7 +77,11 @@ def wait_for_jobs(jobs: Sequence[Any], labels: Sequence[str], sweep_dir: str) ->
     if lost:
         head = (f"clse_exp: error: {len(lost)} of {len(jobs)} sweep jobs ended without a result "
                 f"(finished points are in {sweep_dir}; rerun with hydra.sweep.dir={sweep_dir} to resume the rest):")
-        raise SweepJobsLost("\n".join([head, *lost]))
+        points = attempt_points(Path(sweep_dir))  # the jobs that did return may hold points that could not run
+        failed = failure_lines(points, Path(sweep_dir), ("could_not_run", "crashed"))
+        plural = "s" if len(failed) != 1 else ""
+        more = [f"and {len(failed)} more sweep point{plural} could not run:", *failed] if failed else []
+        raise SweepJobsLost("\n".join([head, *lost, *more]))
     return results
 
 
