@@ -12,7 +12,7 @@ from omegaconf import MISSING
 
 from clse_exp.errors import ConfigError
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "video_llava")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "video_llava", "qwen3_vl", "llava_onevision", "internvl")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 BUDGETS = ("average", "final")

@@ -10,13 +10,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from clse_exp.config import validate_model
 from clse_exp.models.base import LoadedModel, ModelAdapter, VisualSegment
+from clse_exp.models.internvl import InternVLAdapter
 from clse_exp.models.llava import LlavaAdapter, VideoLlavaAdapter
+from clse_exp.models.llava_onevision import LlavaOnevisionAdapter
 from clse_exp.models.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from clse_exp.models.qwen3_vl import Qwen3VLAdapter
 
 __all__ = ["LoadedModel", "ModelAdapter", "VisualSegment", "ADAPTERS", "load", "resolve_device", "resolve_dtype"]
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    cls.family: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaAdapter, VideoLlavaAdapter)
+    cls.family: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaAdapter, VideoLlavaAdapter, Qwen3VLAdapter,
+                                LlavaOnevisionAdapter, InternVLAdapter)
 }
 
 _CACHE: dict[tuple, LoadedModel] = {}
@@ -43,6 +47,9 @@ def _model_class(family: str) -> type:
         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
         "llava": "LlavaForConditionalGeneration",
         "video_llava": "VideoLlavaForConditionalGeneration",
+        "qwen3_vl": "Qwen3VLForConditionalGeneration",
+        "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+        "internvl": "InternVLForConditionalGeneration",
     }
     return getattr(transformers, names[family])
 
