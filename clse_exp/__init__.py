@@ -15,7 +15,7 @@ def load_model(name_or_cfg: Any, device: str = "auto") -> Any:
 
 
 def make_pruner(method: str, **kwargs: Any) -> Any:
-    """Build a pruner from conf/prune/METHOD.yaml plus overrides; see clse_exp.api.make_pruner."""
+    """A pruner for a method with its knobs (layers resolve when it binds to a model); see clse_exp.api.make_pruner."""
     from clse_exp.api import make_pruner as _make_pruner
 
     return _make_pruner(method, **kwargs)

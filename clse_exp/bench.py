@@ -54,7 +54,7 @@ def measure(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig, pruner: A
     tokenizer = loaded.processor.tokenizer
     rows = []
     for i in range(cfg.warmup + cfg.repeats):
-        timer = GenerationTimer(loaded.model, loaded.adapter.vision_tower(loaded.model), loaded.device)
+        timer = GenerationTimer(loaded.model, loaded.adapter.vision_towers(loaded.model), loaded.device)
         with torch.inference_mode(), timer:
             context = pruner.attach(loaded.model) if pruner is not None else _null()
             with context:

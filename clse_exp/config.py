@@ -10,13 +10,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from clse_exp.errors import ConfigError
+from clse_exp.errors import ConfigError, choose_one
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "video_llava", "qwen3_vl", "llava_onevision", "internvl")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-BUDGETS = ("average", "final")
-SCHEDULES = ("auto", "paper")
 CONF_DIR = Path(__file__).parent / "conf"
 
 
@@ -38,12 +36,6 @@ class TinySpec:
 
 
 @dataclass
-class PaperLayers:
-    reference_layer: int = 0
-    prune_layers: list[int] = field(default_factory=list)
-
-
-@dataclass
 class ModelConfig:
     name: str = MISSING
     family: str = MISSING
@@ -54,15 +46,14 @@ class ModelConfig:
     max_pixels: int | None = None
     tiny: TinySpec | None = None
     weights: str | None = None  # safetensors for the tiny build (relative to the clse_exp package, or absolute)
-    paper_layers: PaperLayers = field(default_factory=PaperLayers)
-    pdrop_layers: list[int] = field(default_factory=list)
 
 
 @dataclass
 class LayersConfig:
-    name: str = MISSING
-    reference_layer: int = 0
-    prune_layers: list[int] = field(default_factory=list)
+    """Where the stages run; null takes the method's own layers for the model (see each method)."""
+
+    reference_layer: int | None = None
+    prune_layers: list[int] | None = None
 
 
 @dataclass
@@ -116,29 +107,32 @@ class RunConfig:
     keep: float = 0.25
     budget: str = "average"
     schedule: str = "auto"
+    protocol: str = "official"
     batch_size: int = 8
     seed: int = 0
     device: str = "auto"
     model: ModelConfig = MISSING
-    prune: Any = MISSING  # each method validates its own knobs (clse_exp.pruning.methods)
-    layers: LayersConfig = MISSING
+    prune: Any = MISSING  # each method's Options schema (clse_exp.pruning.methods), registered as prune=<name>
+    layers: LayersConfig = field(default_factory=LayersConfig)
     dataset: DatasetConfig = MISSING
     logger: Any = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register_schemas() -> None:
+    from clse_exp.pruning.methods import register_method_schemas
+
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    register_method_schemas()
 
 
 def group_options(group: str) -> list[str]:
     """The option names of a config group, e.g. group_options("model")."""
+    if group == "prune":
+        from clse_exp.pruning.methods import method_names
+
+        return method_names()
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def _choice(name: str, value: Any, choices: tuple | list) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
 
 
 def looks_local(path: str) -> bool:
@@ -147,44 +141,80 @@ def looks_local(path: str) -> bool:
 
 
 def validate_model(model: Any) -> None:
-    _choice("model.family", model.family, FAMILIES)
-    _choice("model.dtype", model.dtype, DTYPES)
-    _choice("model.attn_implementation", model.attn_implementation, ATTN_IMPLEMENTATIONS)
+    choose_one("model.family", model.family, FAMILIES)
+    choose_one("model.dtype", model.dtype, DTYPES)
+    choose_one("model.attn_implementation", model.attn_implementation, ATTN_IMPLEMENTATIONS)
     if model.path is None and model.tiny is None:
         raise ConfigError(f"model.path is null for model '{model.name}': give a hub id or a local directory")
     if model.path is not None and looks_local(model.path) and not Path(model.path).expanduser().exists():
         raise ConfigError(f"model.path={model.path!r} does not exist: give an existing local directory or a hub id")
 
 
-def validate_run(cfg: Any) -> None:
-    """Checks that need no model weights; raises ConfigError with a one-line message."""
-    if not 0.0 < cfg.keep <= 1.0:
-        raise ConfigError(f"keep={cfg.keep} is outside (0, 1]: it is the fraction of visual tokens kept")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
-    _choice("budget", cfg.budget, BUDGETS)
-    _choice("schedule", cfg.schedule, SCHEDULES)
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
-        raise ConfigError(f"device={cfg.device!r} is not valid; choose one of: auto, cpu, cuda, cuda:N, mps")
-    validate_model(cfg.model)
-    data = cfg.dataset
+def validate_device(device: str, attn_implementation: str) -> None:
+    """The device exists on this machine and the attention backend can run on it."""
+    import torch
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise ConfigError(f"device={device!r} is not valid; choose one of: auto, cpu, cuda, cuda:N, mps")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device}: no CUDA device is available here (use device=cpu or device=auto)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device=mps: no Apple MPS device is available here (use device=cpu or device=auto)")
+    if attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                              "(pip install flash-attn); choose one of: sdpa, eager")
+        if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA device; "
+                              "choose sdpa or eager on the CPU")
+
+
+def validate_dataset(data: Any) -> None:
+    """Checks of the dataset config that read nothing from disk or the hub."""
     if data.limit is not None and data.limit < 0:
         raise ConfigError(f"dataset.limit={data.limit} must be >= 0 (or null for the whole split)")
-    _choice("dataset.split", data.split, list(data.splits))
+    choose_one("dataset.split", data.split, list(data.splits))
+    if data.max_new_tokens < 1:
+        raise ConfigError(f"dataset.max_new_tokens={data.max_new_tokens} must be >= 1 (tokens generated per answer)")
+    if data.loader == "synthetic":
+        from clse_exp.data.synthetic import QTYPES
+
+        if data.size < 1:
+            raise ConfigError(f"dataset.size={data.size} must be >= 1 (synthetic samples per split)")
+        if data.qtypes is not None:
+            if len(data.qtypes) == 0:
+                raise ConfigError(f"dataset.qtypes=[] asks for no questions; choose from: {', '.join(QTYPES)} "
+                                  "(or null for all)")
+            for qtype in data.qtypes:
+                choose_one("dataset.qtypes entry", qtype, QTYPES)
+    if data.get("path") and data.loader != "synthetic" and not Path(data.path).expanduser().exists():
+        raise ConfigError(f"dataset.path={data.path!r} does not exist: give a local snapshot or parquet folder, "
+                          "or null for the hub id")
 
 
-def validate_layers(reference_layer: int, prune_layers: list[int], num_layers: int) -> None:
-    """Stage layers must exist in the model and come after the reference layer."""
-    valid = f"valid layers are 0..{num_layers - 1}"
-    for layer in prune_layers:
-        if not 0 <= layer < num_layers:
-            raise ConfigError(f"layers.prune_layers contains {layer}: the model has {num_layers} layers ({valid})")
-    if list(prune_layers) != sorted(set(prune_layers)):
-        raise ConfigError(f"layers.prune_layers={list(prune_layers)} must be strictly increasing")
-    if not 0 <= reference_layer < num_layers:
-        raise ConfigError(f"layers.reference_layer={reference_layer} is outside the model ({valid})")
-    if prune_layers and reference_layer > prune_layers[0]:
-        raise ConfigError(
-            f"layers.reference_layer={reference_layer} comes after the first prune layer {prune_layers[0]}: "
-            "the reference must be at or before it"
-        )
+def validate_run(cfg: Any) -> Any:
+    """Every check that needs no model weights; returns the run's pruner (None for prune=none), already
+    bound to the model's family and depth read from its config, so layers and budget are checked too.
+    Raises ConfigError with a one-line message."""
+    from clse_exp.models import describe
+    from clse_exp.pruning.build import pruner_from_config
+    from clse_exp.pruning.methods.base import PROTOCOLS
+    from clse_exp.pruning.schedule import check_budget
+
+    check_budget(cfg.keep, cfg.budget, cfg.schedule, None)
+    choose_one("protocol", cfg.protocol, PROTOCOLS)
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+    validate_model(cfg.model)
+    validate_device(cfg.device, cfg.model.attn_implementation)
+    validate_dataset(cfg.dataset)
+    pruner = pruner_from_config(cfg)
+    if pruner is not None:
+        pruner.bind(describe(cfg.model))
+    return pruner

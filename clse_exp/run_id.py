@@ -1,6 +1,6 @@
 """Content-addressed run folders: the same science config always maps to the same folder.
 
-The hash covers what changes results (model, method, layers, budget, dataset, seed, eval), not how the
+The hash covers what changes results (model, method, layers, budget, protocol, dataset, seed, eval), not how the
 run is executed (batch size, device, launcher, logger), so a rerun or a requeued job with another batch
 size resumes in place. `dataset.limit` is left out too: limits take nested subsets, so a larger limit
 extends the same run.
@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-HASHED_KEYS = ("model", "prune", "layers", "dataset", "keep", "budget", "schedule", "seed", "eval")
+HASHED_KEYS = ("model", "prune", "layers", "dataset", "keep", "budget", "schedule", "protocol", "seed", "eval")
 
 
 def _plain(value: Any) -> Any:
@@ -22,6 +22,11 @@ def _plain(value: Any) -> Any:
     if isinstance(plain, dict) and "loader" in plain:  # the dataset node
         plain.pop("limit", None)
     return plain
+
+
+def hashed_config(cfg: Any) -> dict:
+    """The part of a run config the hash covers, as plain data (what identifies a run folder)."""
+    return {key: _plain(cfg[key]) for key in HASHED_KEYS}
 
 
 def config_hash(*parts: Any) -> str:

@@ -1,7 +1,14 @@
-"""The one orchestration module of a run: model -> batches -> pruned generation -> scores -> files."""
+"""The one orchestration module of a run: checks -> dataset -> model -> pruned generation -> scores -> files.
+
+Everything that can be checked without weights (the config, the method's layers and budget for the model's
+depth, the dataset) is checked first, so a typo on a cluster costs seconds, not a 7B load. A folder that
+already holds another run's results is refused, naming the keys that differ.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -20,27 +27,29 @@ from clse_exp.efficiency.accounting import run_costs, sample_costs
 from clse_exp.efficiency.kv_cache import measured_kv_bytes
 from clse_exp.efficiency.memory import peak_memory_bytes, reset_peak
 from clse_exp.efficiency.timing import GenerationTimer
+from clse_exp.errors import ConfigError
 from clse_exp.generation import batched, decode, generate
-from clse_exp.metrics import score
+from clse_exp.metrics import sample_score, score
 from clse_exp.metrics.fidelity import first_token_kl
 from clse_exp.metrics.positions import positional_summary
-from clse_exp.metrics.synthetic import normalize_answer
-from clse_exp.pruning.build import build_pruner
-from clse_exp.run_id import HASHED_KEYS, config_hash
+from clse_exp.pruning.record import SampleRecord, unpruned_record
+from clse_exp.run_id import HASHED_KEYS, config_hash, hashed_config
 from clse_exp.tracking.environment import environment
 from clse_exp.tracking.local import LocalSink
 from clse_exp.tracking.overlay import kept_overlay
 from clse_exp.tracking.wandb_sink import WandbSink
 
 console = Console(stderr=True)
+log = logging.getLogger("clse_exp")
+IDENTITY_FILE = "run.json"  # the hashed config of the run a folder holds (resume refuses any other)
 
 
 def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens: int, pruner: Any,
-                 reference: bool) -> list[dict]:
+                 reference: bool, task: str) -> list[dict]:
     """One record per sample: the pruned answer, and when asked the unpruned one and their first-token KL."""
     inputs = loaded.prepare(batch)
     prompt_length = inputs["input_ids"].shape[1]
-    timer = GenerationTimer(loaded.model, loaded.adapter.vision_tower(loaded.model), loaded.device)
+    timer = GenerationTimer(loaded.model, loaded.adapter.vision_towers(loaded.model), loaded.device)
     out = generate(loaded, inputs, max_new_tokens, pruner, timer)
     timings = {"vision_s": timer.vision_s, "prefill_s": timer.prefill_s,
                "decode_s_per_token": timer.decode_s_per_token,
@@ -48,10 +57,14 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
                # the whole batch's cache after decoding: padding and generated tokens included
                "kv_bytes_measured": measured_kv_bytes(cache_of(out))}
     predictions = decode(loaded, out.sequences, prompt_length)
-    trace = pruner.trace_records() if pruner is not None else [{} for _ in batch]
     grids = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
     layout = loaded.adapter.visual_layout(loaded.model, inputs["input_ids"], **grids)
-    vision_flops = [loaded.adapter.vision_flops(loaded.model, segments) for segments in layout]
+    prompt_tokens = inputs["attention_mask"].sum(1).tolist()
+    if pruner is not None:
+        sample_records = pruner.records
+    else:
+        sample_records = [unpruned_record(n, sum(s.length for s in segments), [list(s.grid) for s in segments],
+                                          loaded.num_layers) for n, segments in zip(prompt_tokens, layout, strict=True)]
     ref_out = out
     if reference and pruner is not None:
         ref_out = generate(loaded, inputs, max_new_tokens)
@@ -59,40 +72,44 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
     kl = first_token_kl(ref_out.scores[0], out.scores[0]).tolist()
     records = []
     for i, sample in enumerate(batch):
-        record = {
+        record: SampleRecord = sample_records[i]
+        doc = {"answer": sample.answer, **sample.meta}
+        entry = {
             "id": sample.id,
             "question": sample.question,
             "answer": sample.answer,
             "prediction": predictions[i],
-            "correct": bool(sample.answer) and normalize_answer(predictions[i]) == normalize_answer(sample.answer),
-            "prompt_tokens": int(inputs["attention_mask"][i].sum()),
-            "vision_flops": vision_flops[i],
+            "sample_score": sample_score(task, doc, predictions[i]),
+            "prompt_tokens": int(prompt_tokens[i]),
+            "vision_flops": loaded.adapter.vision_flops(loaded.model, layout[i]),
             "batch_size": len(batch),
             "batch_timings": timings,
-            "doc": {"answer": sample.answer, **sample.meta},
-            **trace[i],
-            **sample_costs(loaded.model.config, int(inputs["attention_mask"][i].sum()), trace[i],
-                           pruner.kv_policy if pruner is not None else "ragged", loaded.model.dtype),
+            "doc": doc,
+            **(record.as_dict() if pruner is not None else {}),
+            **sample_costs(loaded.model.config, record, loaded.model.dtype),
         }
         if reference:
-            record.update(reference_prediction=ref_predictions[i], agree=ref_predictions[i] == predictions[i],
-                          first_token_kl=kl[i])
-        records.append(record)
+            entry.update(reference_prediction=ref_predictions[i], agree=ref_predictions[i] == predictions[i],
+                         first_token_kl=kl[i])
+        records.append(entry)
     return records
 
 
 def summarize(cfg: DictConfig, records: list[dict], task: str, env: dict, timings: dict) -> dict:
     metrics = score(task, [r["doc"] for r in records], [r["prediction"] for r in records]) if records else {}
-    fidelity = {}
+    fidelity, reference = {}, {}
     if records and "agree" in records[0]:
         fidelity = {
             "agreement": sum(r["agree"] for r in records) / len(records),
             "first_token_kl": sum(r["first_token_kl"] for r in records) / len(records),
         }
+        reference = score(task, [r["doc"] for r in records], [r["reference_prediction"] for r in records])
     retention = {}
     if records and "retention" in records[0]:
         retention = {k: sum(r["retention"][k] for r in records) / len(records) for k in records[0]["retention"]}
+        retention["asked"] = cfg.keep
         retention["visual_tokens_in"] = sum(r["n_visual"] for r in records) / len(records)
+        retention["budget_unreachable_samples"] = sum(bool(r.get("budget_unreachable")) for r in records)
         retention.update(positional_summary(records))
     batch_timings = [r["batch_timings"] for r in records if "batch_timings" in r]
     measured = {f"mean_batch_{k}": sum(t[k] for t in batch_timings) / len(batch_timings)
@@ -101,6 +118,7 @@ def summarize(cfg: DictConfig, records: list[dict], task: str, env: dict, timing
         "task": task,
         "n_samples": len(records),
         "metrics": {**metrics, **fidelity},
+        "unpruned_metrics": reference,
         "retention": retention,
         "efficiency": {**run_costs(records), **measured},
         "timings": timings,
@@ -111,13 +129,14 @@ def summarize(cfg: DictConfig, records: list[dict], task: str, env: dict, timing
 
 def results_table(summary: dict) -> Table:
     cfg = summary["config"]
-    keep = "" if cfg["prune"]["name"] == "none" else f" keep={cfg['keep']}"
+    keep = "" if cfg["prune"]["name"] == "none" else f" keep={cfg['keep']} ({cfg['budget']}, {cfg['protocol']})"
     table = Table(title=f"{cfg['model']['name']} | {cfg['prune']['name']}{keep} | {summary['task']} "
                         f"x{summary['n_samples']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     retention = {k: v for k, v in summary["retention"].items() if not isinstance(v, list)}
-    rows = {**summary["metrics"], **{f"retention_{k}": v for k, v in retention.items()}, **summary["efficiency"]}
+    rows = {**summary["metrics"], **{f"unpruned_{k}": v for k, v in summary.get("unpruned_metrics", {}).items()},
+            **{f"retention_{k}": v for k, v in retention.items()}, **summary["efficiency"]}
     for key, value in rows.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     return table
@@ -138,16 +157,51 @@ def save_overlays(samples: list[Sample], records: list[dict], run_dir: Path, cou
     return overlays
 
 
+def claim_folder(cfg: DictConfig, run_dir: Path) -> None:
+    """Record which run this folder holds, or refuse to resume another run's results in it."""
+    identity = run_dir / IDENTITY_FILE
+    current = hashed_config(cfg)
+    if identity.exists():
+        saved = json.loads(identity.read_text())
+        if saved["hash"] != config_hash(*(cfg[k] for k in HASHED_KEYS)):
+            differ = _differences(saved["config"], current)
+            raise ConfigError(f"{run_dir} holds another run's results ({', '.join(differ[:6])}"
+                              f"{' ...' if len(differ) > 6 else ''}); use a new hydra.run.dir or the same config")
+        return
+    if (run_dir / "predictions.jsonl").exists():
+        raise ConfigError(f"{run_dir} holds predictions.jsonl of an unknown run (no {IDENTITY_FILE}); "
+                          "use a new hydra.run.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    identity.write_text(json.dumps({"hash": config_hash(*(cfg[k] for k in HASHED_KEYS)), "config": current},
+                                   indent=1, default=str) + "\n")
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """`key: saved -> current` for every leaf that differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b, name = saved.get(key), current.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {a!r} there, {b!r} now")
+    return out
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run (or resume) one config into `run_dir`; returns the summary also written to summary.json."""
-    validate_run(cfg)
+    pruner = validate_run(cfg)
     run_dir = Path(run_dir)
+    claim_folder(cfg, run_dir)
+    samples, skipped = load_samples(cfg.dataset)
+    if not samples:
+        raise ConfigError(f"dataset {cfg.dataset.name} split {cfg.dataset.split} has no usable samples "
+                          f"({len(skipped)} skipped: {skipped[0]['reason'] if skipped else 'empty'})")
     wandb = None
     if cfg.logger.name == "wandb":
-        run_dir.mkdir(parents=True, exist_ok=True)
         wandb = WandbSink(cfg, run_dir, config_hash(*(cfg[k] for k in HASHED_KEYS)))
     try:
-        summary = _run(cfg, run_dir, wandb)
+        summary = _run(cfg, run_dir, pruner, samples, skipped, wandb)
     except BaseException:
         if wandb is not None:
             wandb.finish(exit_code=1)
@@ -157,25 +211,27 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     return summary
 
 
-def _run(cfg: DictConfig, run_dir: Path, wandb: WandbSink | None) -> dict:
+def _run(cfg: DictConfig, run_dir: Path, pruner: Any, samples: list[Sample], skipped: list[dict],
+         wandb: WandbSink | None) -> dict:
     torch.manual_seed(cfg.seed)
-    started = time.perf_counter()
-    loaded = models.load(cfg.model, cfg.device)
-    load_s = time.perf_counter() - started
-    pruner = build_pruner(cfg, loaded)
-    samples, skipped = load_samples(cfg.dataset)
-    reset_peak(loaded.device)
     sink = LocalSink(run_dir)
     done = sink.done_ids()
     todo = [s for s in samples if s.id not in done]
     task = cfg.dataset.get("task") or cfg.dataset.name
+    log.info("%s: %d samples (%d already done, %d skipped) in %s", task, len(samples), len(done), len(skipped),
+             run_dir)
+    started = time.perf_counter()
+    loaded = models.load(cfg.model, cfg.device)
+    load_s = time.perf_counter() - started
+    log.info("model %s loaded in %.1f s on %s (%s)", cfg.model.name, load_s, loaded.device, loaded.model.dtype)
+    reset_peak(loaded.device)
     generate_s = 0.0
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task(f"{task} ({len(done)} already done)", total=len(todo))
         for batch in batched(todo, cfg.batch_size):
             t0 = time.perf_counter()
-            for record in answer_batch(loaded, batch, cfg.dataset.max_new_tokens, pruner, cfg.eval.reference):
+            for record in answer_batch(loaded, batch, cfg.dataset.max_new_tokens, pruner, cfg.eval.reference, task):
                 sink.append(record)
             generate_s += time.perf_counter() - t0
             progress.advance(bar, len(batch))
@@ -192,5 +248,10 @@ def _run(cfg: DictConfig, run_dir: Path, wandb: WandbSink | None) -> dict:
     if wandb is not None:
         wandb.log(summary, records, overlays)
     Console().print(results_table(summary))
+    unreachable = summary["retention"].get("budget_unreachable_samples", 0)
+    if unreachable:
+        log.warning("%d samples had too few visual tokens for keep=%s and kept the fewest possible (see "
+                    "retention.budget_unreachable_samples)", unreachable, cfg.keep)
+    log.info("results in %s", run_dir)
     print(f"results in {run_dir}")
     return summary

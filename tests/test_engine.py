@@ -1,6 +1,9 @@
-"""The pruning engine on stock transformers: identity, caching, batching, positions, signals."""
+"""The pruning engine on stock transformers: identity, caching, batching, positions, merging, signals."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,12 +12,16 @@ from helpers import noise_image, samples
 from clse_exp import load_model, make_pruner
 from clse_exp.compat import cache_of
 from clse_exp.data.sample import Sample
+from clse_exp.errors import ConfigError
 from clse_exp.pruning.attention import last_query_attention
 from clse_exp.pruning.engine import Pruner
-from clse_exp.pruning.masks import allowed_pairs, backend_mask
+from clse_exp.pruning.masks import backend_mask, decode_pairs
+from clse_exp.pruning.methods import METHODS
+from clse_exp.pruning.methods.base import PruningMethod, Selection
 from clse_exp.pruning.spectral import clse_scores
 
 FAMILIES = ("tiny_qwen2vl", "tiny_qwen2_5vl", "tiny_llava")
+PROTOCOLS = ("official", "uniform")
 
 
 def model_with(name: str, attn: str = "sdpa"):
@@ -26,22 +33,32 @@ def model_with(name: str, attn: str = "sdpa"):
 def greedy(loaded, inputs, pruner=None, use_cache=True, steps=6):
     tok = loaded.processor.tokenizer
     kwargs = dict(max_new_tokens=steps, do_sample=False, use_cache=use_cache, pad_token_id=tok.pad_token_id,
-                  eos_token_id=None, min_new_tokens=steps)
+                  eos_token_id=None, min_new_tokens=steps, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         if pruner is None:
-            return loaded.model.generate(**inputs, **kwargs)[:, -steps:]
-        with pruner.attach(loaded.model):
-            return loaded.model.generate(**inputs, **kwargs)[:, -steps:]
+            out = loaded.model.generate(**inputs, **kwargs)
+        else:
+            with pruner.attach(loaded.model):
+                out = loaded.model.generate(**inputs, **kwargs)
+    return out.sequences[:, -steps:], torch.stack(out.scores)
 
 
-def decode_scores(loaded, inputs, pruner, steps=4):
-    """Logits of the decode steps after the first token: [steps - 1, B, V]."""
-    tok = loaded.processor.tokenizer
-    with torch.no_grad(), pruner.attach(loaded.model):
-        out = loaded.model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                    output_scores=True, return_dict_in_generate=True,
-                                    pad_token_id=tok.pad_token_id)
-    return torch.stack(out.scores[1:])
+class Replay(PruningMethod):
+    """Keeps, at every stage of every call, the tokens `recorded` lists for that stage and sample (the
+    cached run's choice), so a no-cache recomputation of each decode step re-prunes the same tokens."""
+
+    name = "replay"
+
+    def __init__(self, original: PruningMethod, recorded: list[list[list[int]]]) -> None:
+        super().__init__(original.options)
+        self.original, self.recorded = original, recorded
+        for hook in ("default_layers", "default_shape", "official_counts", "rules", "capture_layers"):
+            setattr(self, hook, getattr(original, hook))
+
+    def select(self, ctx, b, k):
+        original = ctx.original_index(b).tolist()
+        wanted = self.recorded[ctx.stage_index][b]
+        return Selection(torch.tensor([original.index(i) for i in wanted]))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -52,12 +69,12 @@ def test_keep_all_is_identity(name, method):
     valid = inputs["attention_mask"].bool()
     with torch.no_grad():
         stock = loaded.model(**inputs).logits
-        pruner = make_pruner(method, keep=1.0, model=name)
+        pruner = make_pruner(method, keep=1.0, protocol="uniform")
         with pruner.attach(loaded.model):
             pruned = loaded.model(**inputs).logits
     assert pruned.shape == stock.shape
     torch.testing.assert_close(pruned[valid], stock[valid], atol=1e-5, rtol=1e-5)
-    assert torch.equal(greedy(loaded, inputs, make_pruner(method, keep=1.0, model=name)), greedy(loaded, inputs))
+    assert torch.equal(greedy(loaded, inputs, make_pruner(method, keep=1.0))[0], greedy(loaded, inputs)[0])
 
 
 def test_detached_model_is_stock():
@@ -65,7 +82,7 @@ def test_detached_model_is_stock():
     inputs = loaded.prepare(samples(2))
     with torch.no_grad():
         before = loaded.model(**inputs).logits
-        with make_pruner("clse", keep=0.2, model="tiny_qwen2vl").attach(loaded.model):
+        with make_pruner("clse", keep=0.2).attach(loaded.model):
             loaded.model(**inputs)
         after = loaded.model(**inputs).logits
     hooked = [m for m in loaded.model.modules() if m._forward_pre_hooks or m._forward_hooks]
@@ -73,34 +90,50 @@ def test_detached_model_is_stock():
     assert torch.equal(before, after)
 
 
+def cached_vs_recomputed(loaded, inputs, pruner):
+    """(cached decode logits, logits of recomputing every step without a cache, re-pruning the same tokens)."""
+    tokens, cached = greedy(loaded, inputs, pruner)
+    kept = [stage["kept"] for stage in pruner.trace]
+    replay = Pruner(Replay(pruner.method, kept), keep=pruner.keep, budget=pruner.budget, schedule=pruner.schedule,
+                    protocol=pruner.protocol, kv_policy=pruner.kv_policy)
+    replay_tokens, recomputed = greedy(loaded, inputs, replay, use_cache=False)
+    assert torch.equal(tokens, replay_tokens)
+    return cached, recomputed
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cached_decode_matches_recompute_for_every_method(method, protocol):
+    """Under `ragged` every layer keeps what it processed, so a cached decode step must equal running the
+    whole sequence again with the same tokens pruned (PDrop and DivPrune renumber positions officially)."""
+    loaded = model_with("tiny_llava")
+    inputs = loaded.prepare(samples(3))
+    pruner = make_pruner(method, keep=0.4, protocol=protocol, kv_policy="ragged")
+    cached, recomputed = cached_vs_recomputed(loaded, inputs, pruner)
+    torch.testing.assert_close(cached, recomputed, atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_cached_decode_matches_recompute(name, attn, batch):
-    """Random selection is a fixed function of (seed, stage, n_visual): the no-cache run re-prunes the
-    same tokens at every step, so it must reproduce the cached decode token for token."""
+def test_cached_decode_matches_recompute_on_every_family(name, attn):
     loaded = model_with(name, attn)
-    inputs = loaded.prepare(samples(batch))
-    pruner = make_pruner("random", keep=0.3, layers="fastv", model=name)
-    cached = greedy(loaded, inputs, pruner)
-    recomputed = greedy(loaded, inputs, pruner, use_cache=False)
-    assert torch.equal(cached, recomputed)
+    inputs = loaded.prepare(samples(3))
+    cached, recomputed = cached_vs_recomputed(loaded, inputs, make_pruner("clse", keep=0.3, protocol="uniform"))
+    torch.testing.assert_close(cached, recomputed, atol=2e-4, rtol=1e-4)
 
 
 class MaskedRagged(Pruner):
     """Oracle for `crop`: keep every layer's full cache but hide, at decode, the visual tokens that did
     not survive the last cut (crop removes them physically instead)."""
 
-    def _decode_mask(self, state, layer, implementation, dtype):
+    def _decode_kwargs(self, state, layer, rotary, implementation, hidden):
         prompt, final = state.layer_slots[layer], state.slots
         survives = torch.stack([torch.isin(prompt.idx[b], final.idx[b][final.valid[b]])
                                 for b in range(prompt.idx.shape[0])])
-        batch = prompt.idx.shape[0]
-        generated = torch.arange(state.length, state.length + state.generated).expand(batch, -1)
-        key_pos = torch.cat([prompt.idx, generated], 1)
-        key_valid = torch.cat([prompt.valid & survives, torch.ones_like(generated, dtype=torch.bool)], 1)
-        allowed = allowed_pairs(generated[:, -state.step_length:], key_pos, key_valid)
-        return backend_mask(allowed, key_valid, implementation, dtype)
+        generated = torch.ones(prompt.idx.shape[0], state.generated, dtype=torch.bool)
+        key_valid = torch.cat([prompt.valid & survives, generated], 1)
+        return {"attention_mask": backend_mask(decode_pairs(key_valid, state.step_length), key_valid,
+                                               implementation, hidden.dtype)}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -109,70 +142,165 @@ class MaskedRagged(Pruner):
 def test_crop_policy_matches_masked_full_cache(name, attn, batch):
     loaded = model_with(name, attn)
     inputs = loaded.prepare(samples(batch))
-    crop = make_pruner("clse", keep=0.3, model=name, kv_policy="crop")
-    reference = make_pruner("clse", keep=0.3, model=name)
-    oracle = MaskedRagged(reference.method, reference.prune_layers, reference.reference_layer, keep=0.3,
-                          shape=reference.shape)
-    assert torch.equal(greedy(loaded, inputs, crop), greedy(loaded, inputs, oracle))
-    crop_scores, oracle_scores = decode_scores(loaded, inputs, crop), decode_scores(loaded, inputs, oracle)
-    torch.testing.assert_close(crop_scores, oracle_scores, atol=1e-5, rtol=1e-5)
-    ragged_scores = decode_scores(loaded, inputs, make_pruner("clse", keep=0.3, model=name))
-    finite = crop_scores.isfinite()
-    assert (crop_scores - ragged_scores)[finite].abs().max() > 1e-3  # the policy really changes decoding
+    crop = make_pruner("clse", keep=0.3, protocol="uniform", kv_policy="crop")
+    reference = make_pruner("clse", keep=0.3, protocol="uniform", kv_policy="ragged")
+    oracle = MaskedRagged(reference.method, keep=0.3, protocol="uniform", kv_policy="ragged")
+    (crop_tokens, crop_scores), (oracle_tokens, oracle_scores) = greedy(loaded, inputs, crop), greedy(loaded, inputs,
+                                                                                                     oracle)
+    assert torch.equal(crop_tokens, oracle_tokens)
+    torch.testing.assert_close(crop_scores[1:], oracle_scores[1:], atol=1e-5, rtol=1e-5)
+    ragged_scores = greedy(loaded, inputs, reference)[1]
+    finite = crop_scores[1:].isfinite()
+    assert (crop_scores[1:] - ragged_scores[1:])[finite].abs().max() > 1e-3  # the policy really changes decoding
     assert [(s["layer"], s["kept"]) for s in crop.trace] == [(s["layer"], s["kept"]) for s in oracle.trace]
 
 
 def test_crop_cuts_earlier_caches_to_survivors():
     loaded = model_with("tiny_qwen2vl")
     inputs = loaded.prepare(samples(1))
-    pruner = make_pruner("clse", keep=0.3, model="tiny_qwen2vl", kv_policy="crop")
+    pruner = make_pruner("clse", keep=0.3, kv_policy="crop")
     with torch.no_grad(), pruner.attach(loaded.model):
         out = loaded.model(**inputs, use_cache=True)
     lengths = {layer.keys.shape[2] for layer in cache_of(out).layers}
-    n_text = inputs["input_ids"].shape[1] - pruner.trace_records()[0]["n_visual"]
+    record = pruner.records[0]
+    n_text = inputs["input_ids"].shape[1] - record.n_visual
     assert lengths == {n_text + len(pruner.trace[-1]["kept"][0])}
+    assert record.cached == [n_text + len(record.kept)] * len(record.cached)
 
 
-@pytest.mark.parametrize("name", ["tiny_qwen2vl", "tiny_llava"])
-@pytest.mark.parametrize("method", ["clse", "fastv", "pdrop", "dart", "divprune", "random"])
-def test_batch_matches_single(name, method):
-    loaded = model_with(name)
-    batch = samples(3, images_per_sample=(1, 2, 1), sizes=(224, 168, 224))
-    pruner = make_pruner(method, keep=0.3, model=name)
-    together = greedy(loaded, loaded.prepare(batch), pruner)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_batch_logits_match_batch_of_one(method, attn, protocol):
+    loaded = model_with("tiny_llava", attn)
+    batch = samples(3, images_per_sample=(1, 2, 1))
+    pruner = make_pruner(method, keep=0.4, protocol=protocol)
+    tokens, scores = greedy(loaded, loaded.prepare(batch), pruner, steps=3)
     kept_together = [stage["kept"] for stage in pruner.trace]
     for i, sample in enumerate(batch):
-        alone = greedy(loaded, loaded.prepare([sample]), pruner)
-        assert torch.equal(together[i], alone[0]), f"sample {i} differs in a batch"
+        alone_tokens, alone_scores = greedy(loaded, loaded.prepare([sample]), pruner, steps=3)
         assert [stage["kept"][0] for stage in pruner.trace] == [kept[i] for kept in kept_together]
+        assert torch.equal(tokens[i], alone_tokens[0]), f"sample {i} differs in a batch"
+        torch.testing.assert_close(scores[:, i], alone_scores[:, 0], atol=2e-4, rtol=1e-4)
 
 
-def eager_run_with_layer_inputs(loaded, inputs):
-    """A stock eager forward with attentions, and every decoder layer's (input, (cos, sin))."""
+@pytest.mark.parametrize("name", ["tiny_qwen2vl", "tiny_qwen2_5vl"])
+def test_batch_matches_single_on_qwen_families(name):
+    loaded = model_with(name)
+    batch = samples(3, images_per_sample=(1, 2, 1), sizes=(224, 168, 224))
+    for method in ("clse", "dart", "divprune"):
+        pruner = make_pruner(method, keep=0.3)
+        tokens, scores = greedy(loaded, loaded.prepare(batch), pruner, steps=3)
+        for i, sample in enumerate(batch):
+            alone_tokens, alone_scores = greedy(loaded, loaded.prepare([sample]), pruner, steps=3)
+            assert torch.equal(tokens[i], alone_tokens[0]), (method, i)
+            torch.testing.assert_close(scores[:, i], alone_scores[:, 0], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_uniform_protocol_keeps_the_tokens_of_the_engine_before_v2():
+    """Regression oracle: tests/data/kept_before_engine_v2.json was recorded with the engine as it was before
+    methods owned their knowledge (commit 72a44e2); `uniform` must keep exactly those tokens."""
+    recorded = json.loads((Path(__file__).parent / "data" / "kept_before_engine_v2.json").read_text())
+    for key, want in recorded.items():
+        name, method, keep, budget = key.split("/")
+        loaded = model_with(name)
+        inputs = loaded.prepare(samples(3, images_per_sample=(1, 2, 1), sizes=(224, 168, 224)))
+        pruner = make_pruner(method, keep=float(keep), budget=budget, protocol="uniform")
+        with torch.no_grad(), pruner.attach(loaded.model):
+            logits = loaded.model(**inputs).logits[:, -1]
+        assert [s["layer"] for s in pruner.trace] == want["layers"], key
+        assert [s["kept"] for s in pruner.trace] == want["kept"], key
+        torch.testing.assert_close(logits.double().sum(-1), torch.tensor(want["last_logits_sum"], dtype=torch.double),
+                                   atol=1e-4, rtol=1e-6)
+
+
+def layer_inputs(loaded, inputs, pruner=None):
+    """Every decoder layer's (input, position_ids, (cos, sin)) of one forward (pruned when given)."""
     layers = loaded.adapter.decoder_layers(loaded.model)
     captured = {}
 
     def hook(index):
         def fn(_module, args, kwargs):
-            captured[index] = (args[0], kwargs["position_embeddings"])
+            captured[index] = (args[0], kwargs.get("position_ids"), kwargs["position_embeddings"])
         return fn
 
-    handles = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in range(len(layers))]
+    def forward():  # hooks registered after the pruner's see what the engine hands each layer
+        handles = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in range(len(layers))]
+        try:
+            return loaded.model(**inputs, output_attentions=pruner is None)
+        finally:
+            for handle in handles:
+                handle.remove()
+
     with torch.no_grad():
-        out = loaded.model(**inputs, output_attentions=True)
-    for handle in handles:
-        handle.remove()
+        if pruner is None:
+            out = forward()
+        else:
+            with pruner.attach(loaded.model):
+                out = forward()
     return out, captured, layers
+
+
+def test_compact_positions_renumber_after_each_cut():
+    """PDrop's official rule: after every cut the kept tokens take positions 0..n-1 again (1-D RoPE)."""
+    loaded = model_with("tiny_llava")
+    inputs = loaded.prepare(samples(1))
+    pruner = make_pruner("pdrop", keep=0.125, budget="final")
+    _, captured, _ = layer_inputs(loaded, inputs, pruner)
+    length = inputs["input_ids"].shape[1]
+    for layer, (hidden, position_ids, (cos, _)) in captured.items():
+        assert position_ids[0].tolist() == list(range(hidden.shape[1])), layer
+        stock = loaded.adapter.text_model(loaded.model).rotary_emb(hidden, position_ids)[0]
+        torch.testing.assert_close(cos, stock)
+    assert captured[31][0].shape[1] < length
+    uniform = make_pruner("pdrop", keep=0.125, budget="final", protocol="uniform")
+    _, captured, _ = layer_inputs(loaded, inputs, uniform)
+    positions = captured[31][1][0]
+    assert len(positions) < length and positions.max() == length - 1  # original positions keep their gaps
+    assert bool((positions.diff() > 0).all())
+
+
+class MergeFirst(PruningMethod):
+    """A merging method for the contract test: keeps the first k tokens, the first of them replaced by the
+    mean of every dropped token."""
+
+    name = "merge_first"
+
+    def capture_layers(self, layers):
+        return set()
+
+    def select(self, ctx, b, k):
+        hidden = ctx.hidden_states(b)
+        rows = hidden[:k].clone()
+        rows[0] = hidden[k:].mean(0)
+        return Selection(torch.arange(k), rows)
+
+
+def test_a_method_can_merge_dropped_tokens_into_kept_ones():
+    loaded = model_with("tiny_llava")
+    inputs = loaded.prepare(samples(1))
+    pruner = Pruner(MergeFirst(), keep=0.25, budget="final", prune_layers=[3], protocol="uniform")
+    _, stock, _ = layer_inputs(loaded, inputs)
+    _, pruned, _ = layer_inputs(loaded, inputs, pruner)
+    record = pruner.records[0]
+    k, n = len(record.kept), record.n_visual
+    segment = loaded.adapter.visual_layout(loaded.model, inputs["input_ids"])[0][0]
+    visual_in = stock[3][0][0, segment.start : segment.start + n]
+    merged_in = pruned[3][0][0, segment.start : segment.start + k]
+    torch.testing.assert_close(merged_in[0], visual_in[k:].mean(0))
+    torch.testing.assert_close(merged_in[1:], visual_in[1:k])
+    assert pruner.trace[0]["merged"] == [k]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_recomputed_attention_matches_eager(name):
     loaded = model_with(name, "eager")
     inputs = loaded.prepare(samples(3))
-    out, captured, layers = eager_run_with_layer_inputs(loaded, inputs)
+    out, captured, layers = layer_inputs(loaded, inputs)
     valid = inputs["attention_mask"].bool()
     for index in (0, 3):
-        hidden, (cos, sin) = captured[index]
+        hidden, _, (cos, sin) = captured[index]
         batch = hidden.shape[0]
         ours = last_query_attention(layers[index], hidden, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), valid)
         eager = out.attentions[index][:, :, -1, :].float().mean(1)
@@ -182,11 +310,10 @@ def test_recomputed_attention_matches_eager(name):
 def test_clse_prunes_each_image_on_its_own_grid():
     """Oracle: the stock model's layer inputs and eager attention, scored by the pure clse_scores with
     one grid per image, give the kept set the engine reports."""
-    name = "tiny_qwen2vl"
-    loaded = model_with(name, "eager")
+    loaded = model_with("tiny_qwen2vl", "eager")
     sample = Sample("two", "Is there a red circle?", "yes", [noise_image(1, 224), noise_image(2, 168)])
     inputs = loaded.prepare([sample])
-    out, captured, _ = eager_run_with_layer_inputs(loaded, inputs)
+    out, captured, _ = layer_inputs(loaded, inputs)
     layout = loaded.adapter.visual_layout(loaded.model, inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"])
     segments = layout[0]
     assert [s.grid for s in segments] == [(1, 8, 8), (1, 6, 6)]
@@ -194,20 +321,19 @@ def test_clse_prunes_each_image_on_its_own_grid():
     attn = out.attentions[1][0, :, -1, :].float().mean(0)[visual]
     scores = clse_scores(captured[0][0][:, visual], captured[2][0][:, visual], [s.grid for s in segments],
                          attn=attn[None])
-    pruner = make_pruner("clse", keep=0.5, layers="single", reference_layer=0, prune_layers=[2], model=name)
+    pruner = make_pruner("clse", keep=0.5, reference_layer=0, prune_layers=[2])
     with torch.no_grad(), pruner.attach(loaded.model):
         loaded.model(**inputs)
     k = pruner.trace[0]["budget"][0]
-    expected = scores[0].topk(k).indices.sort().values.tolist()
-    assert pruner.trace[0]["kept"][0] == expected
+    assert pruner.trace[0]["kept"][0] == scores[0].topk(k).indices.sort().values.tolist()
 
 
 @pytest.mark.parametrize("method", ["clse", "pdrop", "dart"])
-def test_tokens_each_layer_processes_equal_trace(method):
+def test_tokens_each_layer_processes_equal_the_record(method):
     loaded = model_with("tiny_qwen2vl")
     inputs = loaded.prepare(samples(1))
     layers = loaded.adapter.decoder_layers(loaded.model)
-    pruner = make_pruner(method, keep=0.3, model="tiny_qwen2vl")
+    pruner = make_pruner(method, keep=0.3)
     seen = []
     with torch.no_grad(), pruner.attach(loaded.model):
         handles = [layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
@@ -215,21 +341,21 @@ def test_tokens_each_layer_processes_equal_trace(method):
         loaded.model(**inputs)
         for handle in handles:
             handle.remove()
-    record = pruner.trace_records()[0]
-    n_text = inputs["input_ids"].shape[1] - record["n_visual"]
-    assert seen == [n_text + v for v in record["visual_per_layer"]]
-    assert record["visual_per_layer"][-1] < record["n_visual"]
+    record = pruner.records[0]
+    assert seen == record.processed
+    assert record.n_prompt == inputs["input_ids"].shape[1]
+    assert record.visual_per_layer[-1] < record.n_visual
 
 
 def test_video_tokens_prune_per_frame_grid():
     loaded = model_with("tiny_qwen2vl")
     video = Sample("v", "What changes between the frames?", "no", [], video=[noise_image(i) for i in range(4)])
     inputs = loaded.prepare([video])
-    pruner = make_pruner("clse", keep=0.3, model="tiny_qwen2vl")
+    pruner = make_pruner("clse", keep=0.3)
     greedy(loaded, inputs, pruner)
-    record = pruner.trace_records()[0]
-    assert record["grids"] == [[2, 8, 8]]
-    assert record["n_visual"] == 128 and record["visual_per_layer"][-1] < 128
+    record = pruner.records[0]
+    assert record.grids == [[2, 8, 8]]
+    assert record.n_visual == 128 and record.visual_per_layer[-1] < 128
 
 
 def test_static_cache_is_refused():
@@ -240,30 +366,37 @@ def test_static_cache_is_refused():
             loaded.model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
 
 
-def test_layers_beyond_depth_are_refused():
-    from clse_exp.errors import ConfigError
-
-    loaded = model_with("tiny_qwen2vl")
-    pruner = make_pruner("fastv", keep=0.3, prune_layers=[40])
+def test_layers_resolve_against_the_model_they_attach_to():
+    """The method's own layers come from the model it binds to, not from any default config."""
+    pruner = make_pruner("clse", keep=0.334)
+    with pruner.attach(model_with("tiny_qwen2vl").model):
+        assert pruner.layers.prune_layers == (1, 10, 19)
+    with pruner.attach(model_with("tiny_llava").model):
+        assert pruner.layers.prune_layers == (1, 11, 21)
     with pytest.raises(ConfigError, match="40"):
-        with pruner.attach(loaded.model):
+        with make_pruner("fastv", keep=0.3, prune_layers=[40]).attach(model_with("tiny_qwen2vl").model):
             pass
 
 
-def test_tiny_images_keep_the_fewest_tokens_instead_of_failing():
+def test_an_image_too_small_for_the_budget_is_recorded_not_hidden():
     loaded = model_with("tiny_qwen2vl")
     small = Sample("s", "Is there a red circle?", "yes", [noise_image(0, 56)])  # 2 x 2 = 4 visual tokens
-    pruner = make_pruner("clse", keep=0.1, model="tiny_qwen2vl")
+    pruner = make_pruner("clse", keep=0.1, protocol="uniform")
     greedy(loaded, loaded.prepare([small]), pruner)
-    record = pruner.trace_records()[0]
-    assert record["n_visual"] == 4 and record["visual_per_layer"][-1] == 1
-    assert record["retention"]["average"] > 0.1  # reported honestly, above the unreachable target
+    record = pruner.records[0]
+    assert record.n_visual == 4 and record.visual_per_layer[-1] == 1
+    assert record.budget_unreachable and record.retention["average"] > 0.1
+    big = Sample("b", "Is there a red circle?", "yes", [noise_image(0, 224)])
+    greedy(loaded, loaded.prepare([big]), pruner)
+    assert not pruner.records[0].budget_unreachable
 
 
-def test_budgets_the_layers_cannot_reach_are_config_errors():
-    from clse_exp.errors import ConfigError
-
-    loaded = model_with("tiny_qwen2vl")
-    pruner = make_pruner("pdrop", keep=0.1, model="tiny_qwen2vl")  # first cut at layer 7 of 28: floor 0.25
+def test_budgets_the_layers_cannot_reach_fail_before_any_forward():
     with pytest.raises(ConfigError, match="smallest average retention"):
-        greedy(loaded, loaded.prepare(samples(1)), pruner)
+        make_pruner("pdrop", keep=0.1, model="tiny_qwen2vl")  # first cut at layer 7 of 28: floor 0.25
+    with pytest.raises(ConfigError, match=r"prune\.shape"):
+        make_pruner("clse", keep=0.5, shape=[1, 2], model="tiny_qwen2vl")
+    with pytest.raises(ConfigError, match="prunes nothing"):
+        make_pruner("fastv", keep=0.3, prune_layers=[], model="tiny_qwen2vl")
+    with pytest.raises(ConfigError, match=r"keep=2"):
+        make_pruner("clse", keep=2)

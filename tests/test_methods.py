@@ -23,24 +23,32 @@ def context(hidden: torch.Tensor, n_text_before: int = 2, n_text_after: int = 3,
     rank = torch.full((1, length), -1)
     rank[0, n_text_before : n_text_before + n_visual] = torch.arange(n_visual)
     slots = Slots(torch.arange(length)[None], torch.ones(1, length, dtype=torch.bool))
-    ref = None
+    captures = {}
     if reference is not None:
         ref_full = full.clone()
         ref_full[0, n_text_before : n_text_before + n_visual] = reference
-        ref = Capture(ref_full, slots, torch.ones(1, length, 4), torch.zeros(1, length, 4))
+        captures[0] = Capture(ref_full, slots, torch.ones(1, length, 4), torch.zeros(1, length, 4))
     return StageContext(
         layer=layer, stage_index=stage_index, hidden=full, slots=slots, cos=torch.ones(1, length, 4),
         sin=torch.zeros(1, length, 4), is_visual=rank >= 0, visual_rank=rank,
         grids_per_sample=[[grid or (1, 1, n_visual)]], n_visual=[n_visual], layers=torch.nn.ModuleList(),
-        final_norm=torch.nn.Identity(), reference=ref,
+        final_norm=torch.nn.Identity(), captures=captures, reference_layer=0,
     )
 
 
 def with_attention(ctx: StageContext, visual_attention: list[float], current: bool = False) -> StageContext:
     full = torch.zeros(1, ctx.hidden.shape[1])
     full[0, ctx.visual_positions(0)] = torch.tensor(visual_attention)
-    ctx.__dict__["_current_attention" if current else "_attention"] = full
+    layer = ctx.layer if current else ctx.layer - 1
+    ctx.captures.setdefault(layer, Capture(ctx.hidden, ctx.slots, ctx.cos, ctx.sin))
+    ctx._cache[("last", layer)] = full
     return ctx
+
+
+def set_keys(ctx: StageContext, keys: torch.Tensor) -> None:
+    """Layer K-1's post-RoPE keys as the context would compute them, [1, L, kv_heads * head_dim]."""
+    ctx.captures.setdefault(ctx.layer - 1, Capture(ctx.hidden, ctx.slots, ctx.cos, ctx.sin))
+    ctx._cache[("keys", ctx.layer - 1)] = keys
 
 
 def test_fastv_keeps_most_attended():
@@ -85,14 +93,14 @@ def test_dart_keeps_pivot_and_least_similar_tokens():
     ctx = context(hidden, n_text_after=0)
     keys = torch.zeros(1, ctx.hidden.shape[1], 2)
     keys[0, ctx.visual_positions(0)] = torch.tensor([[5.0, 5.0]] + [[0.1, 0.1]] * 5)
-    ctx.__dict__["_keys"] = keys
+    set_keys(ctx, keys)
     method = get_method("dart")(visual_pivots=1, text_pivots=0)
     assert sorted(method.select(ctx, 0, 3).tolist()) == [0, 3, 4]
 
 
 def test_dart_meets_the_budget_exactly():
     ctx = context(torch.randn(40, 8, generator=torch.Generator().manual_seed(1)))
-    ctx.__dict__["_keys"] = torch.randn(1, ctx.hidden.shape[1], 8, generator=torch.Generator().manual_seed(2))
+    set_keys(ctx, torch.randn(1, ctx.hidden.shape[1], 8, generator=torch.Generator().manual_seed(2)))
     for k in (1, 5, 9, 17, 39):
         picks = get_method("dart")().select(ctx, 0, k)
         assert len(picks) == k == len(set(picks.tolist()))

@@ -6,10 +6,17 @@ import math
 
 import pytest
 
-from clse_exp.pruning.schedule import Stage, achieved_retention, plan_stages, visual_tokens_per_layer
+from clse_exp.pruning.schedule import (
+    Stage,
+    UnreachableBudget,
+    achieved_retention,
+    plan_stages,
+    visual_tokens_per_layer,
+)
 
 LLAVA = {"n_visual": 576, "num_layers": 32, "prune_layers": [1, 11, 21]}
 QWEN2VL = {"n_visual": 1024, "num_layers": 28, "prune_layers": [1, 10, 19]}
+CLSE_SHAPE = (1.71, 1.08, 0.294)  # CLSE's stage shape (clse_exp.pruning.methods.clse passes it to the planner)
 
 
 def counts(stages: list[Stage]) -> list[int]:
@@ -18,58 +25,6 @@ def counts(stages: list[Stage]) -> list[int]:
 
 def layers(stages: list[Stage]) -> list[int]:
     return [stage.layer for stage in stages]
-
-
-# ---------------------------------------------------------------- schedule=paper
-
-
-@pytest.mark.parametrize(
-    "keep, expected",
-    [
-        (0.334, [583, 368, 100]),  # int(1024 * 0.57), int(1024 * 0.36), int(1024 * 0.098)
-        (0.223, [389, 245, 67]),
-        (0.112, [194, 122, 34]),
-        (0.334 + 5e-7, [583, 368, 100]),  # table keys are matched with a small tolerance
-        (0.05, [87, 55, 15]),  # off the table: int(1024 * 0.05 * [1.71, 1.08, 0.294])
-    ],
-)
-def test_paper_table_qwen2vl(keep, expected):
-    stages = plan_stages(**QWEN2VL, keep=keep, schedule="paper", paper_family="qwen2vl")
-    assert counts(stages) == expected
-    assert layers(stages) == [1, 10, 19]
-
-
-@pytest.mark.parametrize(
-    "average, expected",
-    [(192, [330, 210, 62]), (128, [220, 140, 41]), (64, [110, 70, 20]), (100, [172, 109, 32])],
-)
-def test_paper_table_llava(average, expected):
-    stages = plan_stages(**LLAVA, keep=average / 576, schedule="paper", paper_family="llava")
-    assert counts(stages) == expected
-    assert layers(stages) == [1, 11, 21]
-
-
-def test_paper_ignores_budget():
-    final = plan_stages(**LLAVA, keep=192 / 576, budget="final", schedule="paper", paper_family="llava")
-    assert counts(final) == [330, 210, 62]
-
-
-def test_paper_stage_that_would_not_reduce_is_skipped():
-    # 0.8 * 1.71 of the original count is more than there is: the first cut is dropped
-    stages = plan_stages(**QWEN2VL, keep=0.8, schedule="paper", paper_family="qwen2vl")
-    assert stages == [Stage(10, int(1024 * 0.8 * 1.08)), Stage(19, int(1024 * 0.8 * 0.294))]
-    # 330 and 210 are not below 200 visual tokens: only the last stage cuts
-    stages = plan_stages(200, 32, [1, 11, 21], keep=192 / 200, schedule="paper", paper_family="llava")
-    assert stages == [Stage(21, 62)]
-
-
-def test_paper_needs_three_layers_and_a_known_family():
-    with pytest.raises(ValueError, match="exactly 3 prune layers"):
-        plan_stages(576, 32, [2, 10], keep=0.3, schedule="paper", paper_family="llava")
-    with pytest.raises(ValueError, match="paper_family='vicuna'.*qwen2vl, llava"):
-        plan_stages(**LLAVA, keep=0.3, schedule="paper", paper_family="vicuna")
-    with pytest.raises(ValueError, match="paper_family=None"):
-        plan_stages(**LLAVA, keep=0.3, schedule="paper")
 
 
 # ---------------------------------------------------------------- budget=average
@@ -94,7 +49,7 @@ def test_single_stage_average_is_the_nearest_attainable(keep):
 @pytest.mark.parametrize("keep", [0.09, 0.112, 0.2, 0.223, 0.25, 1 / 3, 0.5, 0.75])
 def test_three_stage_average_is_as_close_as_integers_allow(setup, keep):
     n, num_layers, prune_layers = setup["n_visual"], setup["num_layers"], setup["prune_layers"]
-    stages = plan_stages(**setup, keep=keep)
+    stages = plan_stages(**setup, keep=keep, shape=CLSE_SHAPE)
     # the layer total moves in steps of the layers each stage spans; its gcd is the finest reachable step
     spans = [b - a for a, b in zip(prune_layers, prune_layers[1:] + [num_layers], strict=True)]
     finest = math.gcd(*spans) / (num_layers * n)
@@ -108,12 +63,13 @@ def test_average_follows_the_clse_shape_within_a_few_tokens(setup, average):
     n, num_layers, prune_layers = setup["n_visual"], setup["num_layers"], setup["prune_layers"]
     keep = average / 576
     spans = [b - a for a, b in zip(prune_layers, prune_layers[1:] + [num_layers], strict=True)]
-    shape = [1.71, 1.08, 0.294]
+    shape = list(CLSE_SHAPE)
     # the real-valued scale whose shape-proportional counts hit the budget exactly
     scale = (keep * num_layers - prune_layers[0]) / sum(w * f for w, f in zip(spans, shape, strict=True))
     ideal = [scale * f * n for f in shape]
     # hitting the budget to the token-layer may shift a count by up to half the spans' period (5 here)
-    assert all(abs(c - x) <= 6 for c, x in zip(counts(plan_stages(**setup, keep=keep)), ideal, strict=True))
+    assert all(abs(c - x) <= 6 for c, x in zip(counts(plan_stages(**setup, keep=keep, shape=shape)), ideal,
+                                                   strict=True))
 
 
 def test_average_with_pdrop_shape():
@@ -138,7 +94,7 @@ def test_keep_all_is_identity():
 
 def test_too_small_keep_names_the_minimum():
     # layers 0..7 see all 576 tokens, later ones at least 1: (8 * 576 + 24) / (32 * 576) = 0.251302
-    with pytest.raises(ValueError, match=r"keep=0\.2 .*0\.251302"):
+    with pytest.raises(UnreachableBudget, match=r"keep=0\.2 .*0\.251302"):
         plan_stages(576, 32, [8, 16, 24], keep=0.2, shape=[0.5, 0.25, 0.125])
     with pytest.raises(ValueError, match=r"keep=0\.05 .*0\.06"):
         plan_stages(576, 32, [2], keep=0.05)  # below 2/32: layers 0 and 1 see every token
@@ -186,7 +142,6 @@ def test_stage_at_layer_zero_cuts_every_layer():
         ({"keep": 0.0}, r"keep=0\.0 is outside \(0, 1\]"),
         ({"keep": 1.5}, r"keep=1\.5 is outside"),
         ({"budget": "mean"}, "budget='mean'.*average, final"),
-        ({"schedule": "pdrop"}, "schedule='pdrop'.*auto, paper"),
         ({"shape": [1.0, 0.5]}, "3 prune layers"),
         ({"shape": [0.2, 0.5, 1.0]}, "non-increasing"),
     ],

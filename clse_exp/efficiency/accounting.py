@@ -1,4 +1,4 @@
-"""Per-sample cost of a pruned prefill next to the unpruned one: FLOPs and KV-cache bytes."""
+"""Per-sample cost of a prefill next to the unpruned one, from the engine's record: FLOPs and KV-cache bytes."""
 
 from __future__ import annotations
 
@@ -8,27 +8,20 @@ import torch
 
 from clse_exp.efficiency.flops import prefill_flops
 from clse_exp.efficiency.kv_cache import analytic_kv_bytes
+from clse_exp.pruning.record import SampleRecord
 
 
-def sample_costs(config: Any, prompt_tokens: int, record: dict, kv_policy: str, dtype: torch.dtype) -> dict:
-    """`record` is a pruner trace record (empty when nothing was pruned). Crop keeps only the final
-    survivors in every layer's cache; ragged keeps what each layer processed."""
-    layers = config.get_text_config().num_hidden_layers
-    full = [prompt_tokens] * layers
-    if record:
-        n_text = prompt_tokens - record["n_visual"]
-        tokens = [n_text + v for v in record["visual_per_layer"]]
-        cached = [min(t, tokens[-1]) for t in tokens] if kv_policy == "crop" else tokens
-    else:
-        tokens = cached = full
-    flops, flops_full = prefill_flops(config, tokens), prefill_flops(config, full)
-    kv, kv_full = analytic_kv_bytes(config, cached, dtype), analytic_kv_bytes(config, full, dtype)
+def sample_costs(config: Any, record: SampleRecord, dtype: torch.dtype) -> dict:
+    """FLOPs from the tokens each layer processed and KV bytes from the tokens each layer cached (the
+    record knows both, whatever the KV policy), next to the same for the unpruned prompt."""
+    full = [record.n_prompt] * len(record.processed)
+    flops, flops_full = prefill_flops(config, record.processed), prefill_flops(config, full)
     return {
         "prefill_flops": flops.flops,
         "prefill_flops_unpruned": flops_full.flops,
         "fastv_formula_flops": flops.fastv_formula,
-        "kv_bytes": kv,
-        "kv_bytes_unpruned": kv_full,
+        "kv_bytes": analytic_kv_bytes(config, record.cached, dtype),
+        "kv_bytes_unpruned": analytic_kv_bytes(config, full, dtype),
     }
 
 

@@ -39,8 +39,8 @@ class Clock:
 class GenerationTimer:
     """Attach around generate(): afterwards `vision_s`, `prefill_s` and `decode_s_per_token` are set."""
 
-    def __init__(self, model: nn.Module, vision: nn.Module | None, device: torch.device) -> None:
-        self.model, self.vision, self.clock = model, vision, Clock(device)
+    def __init__(self, model: nn.Module, vision: Sequence[nn.Module], device: torch.device) -> None:
+        self.model, self.vision, self.clock = model, list(vision), Clock(device)
         self.spans: dict[str, list[tuple[Any, Any]]] = {"vision": [], "forward": []}
 
     def _bracket(self, name: str) -> tuple[Callable, Callable]:
@@ -55,10 +55,9 @@ class GenerationTimer:
 
     def __enter__(self) -> GenerationTimer:
         self.handles = []
-        for name, module in (("vision", self.vision), ("forward", self.model)):
-            if module is not None:
-                before, after = self._bracket(name)
-                self.handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        for name, module in [*(("vision", tower) for tower in self.vision), ("forward", self.model)]:
+            before, after = self._bracket(name)
+            self.handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:

@@ -50,8 +50,14 @@ SCORERS: dict[str, Scorer] = {
     "vizwiz_vqa_val": vqa.vqa,
 }
 TASKS: tuple[str, ...] = tuple(sorted(SCORERS))
+# Tasks whose headline metric is a mean over samples: one sample's score is that metric on the sample alone.
+PER_SAMPLE_METRIC = {
+    "synthetic": "accuracy", "gqa": "exact_match", "textvqa_val": "exact_match", "textvqa_val_ocr": "exact_match",
+    "vizwiz_vqa_val": "exact_match", "scienceqa": "exact_match", "scienceqa_img": "exact_match",
+    "scienceqa_img_legacy": "exact_match", "seedbench": "seed_all",
+}
 
-__all__ = ["SCORERS", "TASKS", "relative_performance", "score"]
+__all__ = ["SCORERS", "TASKS", "relative_performance", "sample_score", "score"]
 
 
 def score(task: str, docs: list[dict], predictions: list[str]) -> dict:
@@ -63,3 +69,10 @@ def score(task: str, docs: list[dict], predictions: list[str]) -> dict:
     if not docs:
         raise ValueError(f"task={task!r}: no predictions to score")
     return SCORERS[task](docs, [p.strip() for p in predictions])
+
+
+def sample_score(task: str, doc: dict, prediction: str) -> float | None:
+    """One sample's score by the task's own rule, where the task's metric is a per-sample mean; None for
+    tasks scored over sets (F1, paired or circular questions), which have no per-sample score."""
+    metric = PER_SAMPLE_METRIC.get(task)
+    return None if metric is None else float(score(task, [doc], [prediction])[metric])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,14 +10,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from clse_exp.config import validate_model
+from clse_exp.errors import ConfigError
 from clse_exp.models.base import LoadedModel, ModelAdapter, VisualSegment
 from clse_exp.models.internvl import InternVLAdapter
 from clse_exp.models.llava import LlavaAdapter, VideoLlavaAdapter
 from clse_exp.models.llava_onevision import LlavaOnevisionAdapter
 from clse_exp.models.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from clse_exp.models.qwen3_vl import Qwen3VLAdapter
+from clse_exp.pruning.methods.base import ModelFacts
 
-__all__ = ["LoadedModel", "ModelAdapter", "VisualSegment", "ADAPTERS", "load", "resolve_device", "resolve_dtype"]
+__all__ = ["LoadedModel", "ModelAdapter", "VisualSegment", "ADAPTERS", "describe", "load", "resolve_device",
+           "resolve_dtype"]
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     cls.family: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaAdapter, VideoLlavaAdapter, Qwen3VLAdapter,
@@ -78,6 +82,25 @@ def _build_tiny(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[tor
         model.load_state_dict({k: v.float() for k, v in load_file(path).items()})
     model.set_attn_implementation(cfg.attn_implementation)
     return model.to(device=device, dtype=dtype), processor
+
+
+def describe(cfg: DictConfig | dict) -> ModelFacts:
+    """The model's family and depth from its config alone: the tiny spec, or config.json of a hub id or
+    directory (a few KB; fails fast with one line when it is neither on disk nor reachable)."""
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    adapter = ADAPTERS[cfg.family]()
+    if cfg.path is None:
+        return ModelFacts(adapter.family, int(cfg.tiny.num_layers), adapter.mrope)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.path)
+    except (OSError, ValueError) as err:
+        offline = "HF_HUB_OFFLINE is set; " if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "TRUE") else ""
+        first = " ".join(str(err).split())[:200]
+        raise ConfigError(f"model.path={cfg.path!r}: its config.json is neither on disk nor reachable on the hub "
+                          f"({offline}{first}); give a local directory or a cached hub id") from err
+    return adapter.facts(config)
 
 
 def load(cfg: DictConfig | dict, device: str | torch.device = "auto") -> LoadedModel:

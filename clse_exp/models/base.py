@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from clse_exp.data.sample import Sample
+from clse_exp.pruning.methods.base import ModelFacts
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class ModelAdapter:
     """Family-specific knowledge: where the decoder layers are and where the visual tokens sit."""
 
     family: str = ""
+    mrope: bool = False  # multimodal rotary positions: 3-D position ids (Qwen-VL families)
+
+    def facts(self, config: Any) -> ModelFacts:
+        """What a pruning method may know about the model, from its config alone (no weights)."""
+        return ModelFacts(self.family, config.get_text_config().num_hidden_layers, self.mrope)
 
     def text_model(self, model: nn.Module) -> nn.Module:
         """The LLM decoder stack (the module whose forward builds masks and rotary embeddings)."""
@@ -81,9 +87,9 @@ class ModelAdapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self.text_model(model).layers
 
-    def vision_tower(self, model: nn.Module) -> nn.Module:
-        """The vision encoder (timed separately from the LLM prefill)."""
-        return model.model.vision_tower
+    def vision_towers(self, model: nn.Module) -> list[nn.Module]:
+        """The vision encoders (timed separately from the LLM prefill)."""
+        return [model.model.vision_tower]
 
     def vision_flops(self, model: nn.Module, segments: list[VisualSegment]) -> int | None:
         """Analytic vision-encoder FLOPs for one sample's images, where the family has a formula."""

@@ -28,7 +28,7 @@ class LlavaAdapter(ModelAdapter):
         layout = []
         for ids in input_ids:
             segments = []
-            for kind, token_id in self.visual_token_ids(model).items():
+            for kind, token_id in LlavaAdapter.visual_token_ids(self, model).items():
                 for start, length in runs_of(ids, token_id):
                     if length % per_image:
                         raise ValueError(f"{kind} run of {length} tokens is not a multiple of {side}x{side}")
@@ -45,9 +45,30 @@ class LlavaAdapter(ModelAdapter):
 
 
 class VideoLlavaAdapter(LlavaAdapter):
-    """Video-LLaVA: images are 16x16 grids after the CLS token is dropped; a video is 8 such frames."""
+    """Video-LLaVA: an image is a 16 x 16 grid (its CLS token dropped); a video is 8 frames, each its CLS token
+    then 16 x 16 patch tokens (transformers keeps the video CLS tokens). One segment per video covers the
+    frames' patch tokens (T, 16, 16); the CLS tokens belong to no grid and are never pruned."""
 
     family = "video_llava"
 
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         return {"image": model.config.image_token_id, "video": model.config.video_token_id}
+
+    def vision_towers(self, model: nn.Module) -> list[nn.Module]:
+        return [model.model.image_tower, model.model.video_tower]
+
+    def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, **_: Any) -> list[list[VisualSegment]]:
+        side = self.grid_side(model)
+        per_frame = side * side + 1
+        images = super().visual_layout(model, input_ids)  # image runs (video runs are re-read below)
+        layout = []
+        for ids, segments in zip(input_ids, images, strict=True):
+            segments = [s for s in segments if s.kind == "image"]
+            for start, length in runs_of(ids, model.config.video_token_id):
+                if length % per_frame:
+                    raise ValueError(f"video run of {length} tokens is not a multiple of 1 + {side}x{side}")
+                frames = length // per_frame
+                index = tuple(start + f * per_frame + 1 + i for f in range(frames) for i in range(side * side))
+                segments.append(VisualSegment(start, frames, side, side, "video", index))
+            layout.append(sorted(segments, key=lambda s: s.start))
+        return layout

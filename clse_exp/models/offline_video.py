@@ -87,3 +87,15 @@ def _normalised(frames: list[Image.Image], size: tuple[int, int], mean: tuple[fl
         pixels = np.asarray(frame.convert("RGB").resize(size, Image.BICUBIC), dtype=np.float32)
         arrays.append((pixels.transpose(2, 0, 1) / 255.0 - mean_) / std_)
     return np.stack(arrays)
+
+
+class FrameClipVideoProcessor:
+    """Video-LLaVA's video input without torchvision: every frame through the CLIP image processor, stacked
+    to `pixel_values_videos` [videos, frames, C, H, W] (each frame resized and centre-cropped like an image)."""
+
+    def __init__(self, image_processor: Any) -> None:
+        self.image_processor = image_processor
+
+    def __call__(self, videos: list[list[Image.Image]], return_tensors: str | None = "pt", **_: Any) -> BatchFeature:
+        stacked = [np.stack(self.image_processor(list(frames), return_tensors="np")["pixel_values"]) for frames in videos]
+        return BatchFeature(data={"pixel_values_videos": np.stack(stacked)}, tensor_type=return_tensors)

@@ -13,12 +13,13 @@ from clse_exp.models.base import ModelAdapter, VisualSegment, runs_of
 
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
+    mrope = True
 
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         return {"image": model.config.image_token_id, "video": model.config.video_token_id}
 
-    def vision_tower(self, model: nn.Module) -> nn.Module:
-        return model.model.visual
+    def vision_towers(self, model: nn.Module) -> list[nn.Module]:
+        return [model.model.visual]
 
     def vision_flops(self, model: nn.Module, segments: list[VisualSegment]) -> int | None:
         if model.config.model_type != "qwen2_vl":  # Qwen2.5-VL's windowed attention has no formula here yet

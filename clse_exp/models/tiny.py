@@ -45,7 +45,12 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from clse_exp.models.offline_video import FrameVideoProcessor, SquareFrameVideoProcessor, TimestampedFrameVideoProcessor
+from clse_exp.models.offline_video import (
+    FrameClipVideoProcessor,
+    FrameVideoProcessor,
+    SquareFrameVideoProcessor,
+    TimestampedFrameVideoProcessor,
+)
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>")
@@ -248,8 +253,9 @@ def build_tiny_llava(spec: dict, family: str) -> tuple[nn.Module, Any]:
         return _seeded(LlavaForConditionalGeneration, config, spec), processor
     config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_id=ids("<image>"),
                               video_token_id=ids("<video>"), **common)
-    processor = OfflineVideoLlavaProcessor(image_processor=image_processor, video_processor=None, tokenizer=tokenizer,
-                                           patch_size=14, chat_template=LLAVA_CHAT_TEMPLATE)
+    processor = OfflineVideoLlavaProcessor(image_processor=image_processor,
+                                           video_processor=FrameClipVideoProcessor(image_processor),
+                                           tokenizer=tokenizer, patch_size=14, chat_template=LLAVA_CHAT_TEMPLATE)
     return _seeded(VideoLlavaForConditionalGeneration, config, spec), processor
 
 

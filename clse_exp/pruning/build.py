@@ -1,4 +1,4 @@
-"""From config groups (prune, layers, keep, budget, schedule) to a Pruner, or None for the stock model."""
+"""From a run config (prune, layers, keep, budget, schedule, protocol) to a Pruner, or None for the stock model."""
 
 from __future__ import annotations
 
@@ -7,25 +7,20 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from clse_exp.pruning.engine import Pruner
-from clse_exp.pruning.methods import get_method
+from clse_exp.pruning.methods import NO_PRUNING, get_method
+from clse_exp.pruning.methods.base import ModelFacts
 
-ENGINE_KEYS = ("name", "shape", "kv_policy")
 
-
-def pruner_from_config(prune: Any, layers: Any, keep: float, budget: str = "average", schedule: str = "auto",
-                       seed: int = 0) -> Pruner | None:
-    prune = OmegaConf.to_container(prune, resolve=True) if isinstance(prune, DictConfig) else dict(prune)
-    if prune["name"] == "none":
+def pruner_from_config(cfg: Any, facts: ModelFacts | None = None) -> Pruner | None:
+    """The run's pruner (bound to `facts` when given, so layers and budget are checked now)."""
+    prune = OmegaConf.to_container(cfg.prune, resolve=True) if isinstance(cfg.prune, DictConfig) else dict(cfg.prune)
+    if prune["name"] == NO_PRUNING:
         return None
-    method = get_method(prune["name"])(**{k: v for k, v in prune.items() if k not in ENGINE_KEYS})
-    return Pruner(method, list(layers["prune_layers"]), reference_layer=layers["reference_layer"], keep=keep,
-                  budget=budget, schedule=schedule, shape=prune.get("shape"),
-                  kv_policy=prune.get("kv_policy", "ragged"), seed=seed)
-
-
-def build_pruner(cfg: Any, loaded: Any) -> Pruner | None:
-    """The run's pruner, already checked against the loaded model's depth."""
-    pruner = pruner_from_config(cfg.prune, cfg.layers, cfg.keep, cfg.budget, cfg.schedule, cfg.seed)
-    if pruner is not None:
-        pruner.bind(loaded.num_layers, loaded.model.config.model_type)
-    return pruner
+    method_cls = get_method(prune["name"])
+    method = method_cls(method_cls.Options(**prune))
+    layers = cfg.get("layers") or {}
+    prune_layers = layers.get("prune_layers")
+    pruner = Pruner(method, keep=cfg.keep, budget=cfg.budget, schedule=cfg.schedule, protocol=cfg.protocol,
+                    reference_layer=layers.get("reference_layer"),
+                    prune_layers=None if prune_layers is None else list(prune_layers), seed=cfg.seed)
+    return pruner.bind(facts) if facts is not None else pruner

@@ -1,8 +1,8 @@
 """Attention masks for a pruned sequence, in the form each attention backend expects.
 
-The engine knows, per layer, which original tokens sit in the key/value slots and which slots are real
-(padding and re-padding slots are not). From that it builds the mask itself instead of trusting the
-one transformers derives from the (unpruned) 2-D mask and the first layer's cache length.
+The engine knows, per layer, which slots are real (padding and re-padding slots are not) and that slots
+are in sequence order. From that it builds the mask itself instead of trusting the one transformers
+derives from the (unpruned) 2-D mask and the first layer's cache length.
 """
 
 from __future__ import annotations
@@ -10,16 +10,24 @@ from __future__ import annotations
 import torch
 
 
-def allowed_pairs(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """Bool [B, 1, Q, K]: query i may attend key j when j is real and not in its future.
+def prefill_pairs(valid: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, L, L]: slot i may attend slot j when j is real and not after i (slot order is sequence
+    order). Every slot also attends to itself, so no softmax row is empty: an empty row (a padding slot)
+    gives NaN, which leaks through 0 * NaN into real rows."""
+    length = valid.shape[1]
+    order = torch.arange(length, device=valid.device)
+    allowed = (order[None, None, :] <= order[None, :, None]) & valid[:, None, :]
+    allowed |= torch.eye(length, dtype=torch.bool, device=valid.device)
+    return allowed[:, None]
 
-    `query_pos` [B, Q] and `key_pos` [B, K] are ORIGINAL sequence indices (kept order is original order).
-    When queries and keys are the same slots (prefill), every slot also attends to itself, so no softmax
-    row is empty: an empty row (a padding slot) gives NaN, which leaks through 0 * NaN into real rows.
-    """
-    allowed = (key_pos[:, None, :] <= query_pos[:, :, None]) & key_valid[:, None, :]
-    if query_pos.shape[1] == key_pos.shape[1]:
-        allowed |= torch.eye(key_pos.shape[1], dtype=torch.bool, device=key_pos.device)
+
+def decode_pairs(key_valid: torch.Tensor, step: int) -> torch.Tensor:
+    """Bool [B, 1, step, K] for `step` new tokens over keys [prompt slots..., generated...]: every real
+    prompt slot, and the generated tokens up to each query's own."""
+    keys = key_valid.shape[1]
+    query_slot = torch.arange(keys - step, keys, device=key_valid.device)
+    order = torch.arange(keys, device=key_valid.device)
+    allowed = (order[None, None, :] <= query_slot[None, :, None]) & key_valid[:, None, :]
     return allowed[:, None]
 
 

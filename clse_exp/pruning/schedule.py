@@ -1,12 +1,13 @@
-"""From the `keep` budget to per-stage visual-token counts.
+"""From the `keep` budget to per-stage visual-token counts (the planner every method shares).
 
 Budget semantics (the same everywhere in clse-exp):
 - `budget="average"`: `keep` in (0, 1] is the fraction of visual tokens kept averaged over ALL decoder
   layers, layers before the first cut counting as 1.0. This is the equal-FLOPs budget: single-stage and
   multi-stage methods at the same `keep` do the same LLM work.
 - `budget="final"`: `keep` is the fraction of visual tokens left after the last cut.
-- `schedule="paper"`: the official CLSE per-stage tables, reproduced exactly whatever the average they
-  give; `achieved_retention` reports what that average really is.
+- `schedule="paper"`: the method's official count rule (e.g. the CLSE per-stage tables), even under the
+  uniform protocol; `achieved_retention` reports what average that really gives.
+Methods with an official count rule of their own apply it under `protocol=official` (see each method).
 """
 
 from __future__ import annotations
@@ -16,19 +17,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
-from clse_exp.config import BUDGETS, SCHEDULES
-from clse_exp.errors import ConfigError
+from clse_exp.errors import ConfigError, choose_one
 
-CLSE_SHAPE = (1.71, 1.08, 0.294)
-PAPER_FAMILIES = ("qwen2vl", "llava")
+BUDGETS = ("average", "final")
+SCHEDULES = ("auto", "paper")
 
-# Official CLSE tables. Qwen2-VL: keep ratio -> per-stage fractions of the ORIGINAL visual count.
-QWEN2VL_TABLE = {0.334: (0.57, 0.36, 0.098), 0.223: (0.38, 0.24, 0.066), 0.112: (0.19, 0.12, 0.034)}
-QWEN2VL_FACTORS = (1.71, 1.08, 0.294)
-# LLaVA-1.5: target average token count -> per-stage counts.
-LLAVA_TABLE = {192: (330, 210, 62), 128: (220, 140, 41), 64: (110, 70, 20)}
-LLAVA_FACTORS = (1.72, 1.09, 0.32)
-TABLE_TOLERANCE = 1e-6
+
+class UnreachableBudget(ConfigError):
+    """This image has too few visual tokens for the budget (one token per stage is the floor)."""
 
 
 @dataclass(frozen=True)
@@ -39,29 +35,39 @@ class Stage:
     count: int  # visual tokens kept after the stage, per sample (counts of the ORIGINAL n_visual)
 
 
+def check_budget(keep: float, budget: str, schedule: str, shape: Sequence[float] | None) -> None:
+    """The checks that need no model: keep in (0, 1], known budget and schedule, a valid stage shape."""
+    if isinstance(keep, bool) or not isinstance(keep, int | float) or not (0.0 < keep <= 1.0):
+        raise ConfigError(f"keep={keep} is outside (0, 1]: it is the fraction of visual tokens kept")
+    choose_one("budget", budget, BUDGETS)
+    choose_one("schedule", schedule, SCHEDULES)
+    if shape is not None:
+        values = [float(value) for value in shape]
+        # a growing shape would ask a later cut to bring tokens back
+        if not values or any(not (math.isfinite(v) and v > 0) for v in values) or any(
+                a < b for a, b in pairwise(values)):
+            raise ConfigError(f"prune.shape={list(shape)} must be positive and non-increasing (relative stage "
+                              "sizes, one per prune layer)")
+
+
 def plan_stages(
     n_visual: int,
     num_layers: int,
     prune_layers: Sequence[int],
     keep: float,
     budget: str = "average",
-    schedule: str = "auto",
     shape: Sequence[float] | None = None,
-    paper_family: str | None = None,
 ) -> list[Stage]:
     """The stages that realise `keep` for `n_visual` visual tokens in a decoder of `num_layers` layers.
 
     `keep` is the fraction of visual tokens kept averaged over all decoder layers (`budget="average"`,
     layers before the first cut count as 1.0) or left after the last cut (`budget="final"`). `shape` gives
-    the relative sizes of the stages (default: one stage [1.0], three stages the official CLSE shape
-    [1.71, 1.08, 0.294], otherwise halving [1, 1/2, 1/4, ...]). Counts are non-increasing, each in
-    [1, n_visual]. `schedule="paper"` ignores budget and shape and reproduces the official CLSE table of
-    `paper_family`, dropping any stage that would not reduce the count.
+    the relative sizes of the stages (default: halving, [1, 1/2, 1/4, ...]; methods pass their own).
+    Counts are non-increasing, each in [1, n_visual]. Raises UnreachableBudget when even one token per
+    stage exceeds the budget.
     """
-    _check_plan_inputs(n_visual, num_layers, prune_layers, keep, budget, schedule)
+    _check_plan_inputs(n_visual, num_layers, prune_layers, keep, budget)
     layers = [int(layer) for layer in prune_layers]
-    if schedule == "paper":
-        return _paper_stages(n_visual, layers, keep, paper_family)
     shape = _stage_shape(shape, len(layers))
     if budget == "final":
         counts = _final_counts(n_visual, keep, shape)
@@ -85,17 +91,10 @@ def achieved_retention(n_visual: int, num_layers: int, stages: Sequence[Stage]) 
     return {"average": sum(tokens) / (num_layers * n_visual), "final": tokens[-1] / n_visual}
 
 
-def _check_plan_inputs(
-    n_visual: int, num_layers: int, prune_layers: Sequence[int], keep: float, budget: str, schedule: str
-) -> None:
+def _check_plan_inputs(n_visual: int, num_layers: int, prune_layers: Sequence[int], keep: float, budget: str) -> None:
     if n_visual < 1 or num_layers < 1:
         raise ValueError(f"n_visual={n_visual} and num_layers={num_layers} must both be >= 1")
-    if not 0.0 < keep <= 1.0:
-        raise ConfigError(f"keep={keep} is outside (0, 1]: it is the fraction of visual tokens kept")
-    if budget not in BUDGETS:
-        raise ConfigError(f"budget={budget!r} is not valid; choose one of: {', '.join(BUDGETS)}")
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"schedule={schedule!r} is not valid; choose one of: {', '.join(SCHEDULES)}")
+    check_budget(keep, budget, "auto", None)
     layers = list(prune_layers)
     if not layers:
         raise ConfigError("prune_layers is empty: a pruning schedule needs at least one stage layer")
@@ -118,17 +117,11 @@ def _check_stages(n_visual: int, num_layers: int, stages: Sequence[Stage]) -> No
 def _stage_shape(shape: Sequence[float] | None, n_stages: int) -> list[float]:
     """The relative stage sizes: given, or the default for this many stages."""
     if shape is None:
-        if n_stages == 1:
-            return [1.0]
-        if n_stages == 3:
-            return list(CLSE_SHAPE)
         return [0.5**i for i in range(n_stages)]
     shape = [float(value) for value in shape]
     if len(shape) != n_stages:
-        raise ConfigError(f"shape={shape} has {len(shape)} entries but there are {n_stages} prune layers")
-    # a growing shape would ask a later cut to bring tokens back
-    if any(not (math.isfinite(v) and v > 0) for v in shape) or any(a < b for a, b in pairwise(shape)):
-        raise ConfigError(f"shape={shape} must be positive and non-increasing (relative stage sizes)")
+        raise ConfigError(f"prune.shape={shape} has {len(shape)} entries but there are {n_stages} prune layers")
+    check_budget(1.0, "average", "auto", shape)
     return shape
 
 
@@ -150,7 +143,7 @@ def _average_counts(
 
     smallest = token_layers([1] * len(layers)) / (num_layers * n_visual)
     if keep < smallest - 1e-9:
-        raise ConfigError(
+        raise UnreachableBudget(
             f"keep={keep} is below {smallest:.6f}, the smallest average retention that "
             f"prune_layers={layers} allow in {num_layers} layers "
             f"(layers before {layers[0]} see all {n_visual} visual tokens)"
@@ -219,38 +212,3 @@ def _moved(counts: list[int], i: int, delta: int, j: int | None) -> list[int]:
     if j is not None:
         moved[j] -= delta
     return moved
-
-
-def _paper_stages(n_visual: int, layers: list[int], keep: float, family: str | None) -> list[Stage]:
-    """The official CLSE per-stage counts; a stage that would not reduce the current count is dropped."""
-    name = (family or "").replace("_", "").replace("-", "").lower()
-    if name not in PAPER_FAMILIES:
-        raise ConfigError(
-            f"paper_family={family!r} has no official CLSE table; choose one of: {', '.join(PAPER_FAMILIES)}"
-        )
-    if len(layers) != 3:
-        raise ConfigError(
-            f"schedule=paper needs exactly 3 prune layers (the official CLSE stages), got {layers}"
-        )
-    counts = _qwen2vl_counts(n_visual, keep) if name == "qwen2vl" else _llava_counts(n_visual, keep)
-    stages, current = [], n_visual
-    for layer, count in zip(layers, counts, strict=True):
-        if count < current:
-            stages.append(Stage(layer, count))
-            current = count
-    return stages
-
-
-def _qwen2vl_counts(n_visual: int, keep: float) -> list[int]:
-    ratios = next((r for key, r in QWEN2VL_TABLE.items() if abs(keep - key) <= TABLE_TOLERANCE), None)
-    if ratios is None:
-        ratios = [keep * factor for factor in QWEN2VL_FACTORS]
-    # int() truncation, as the official code does
-    return [max(1, int(n_visual * ratio)) for ratio in ratios]
-
-
-def _llava_counts(n_visual: int, keep: float) -> list[int]:
-    average = round(keep * n_visual)
-    if average in LLAVA_TABLE:
-        return list(LLAVA_TABLE[average])
-    return [max(1, int(average * factor)) for factor in LLAVA_FACTORS]

@@ -1,14 +1,20 @@
-"""What a method may ask about the tokens at a stage; every signal is computed only when asked."""
+"""What a method may ask about the tokens at a stage; every signal is computed only when asked.
+
+Signals come from layer INPUTS the engine captured during this prefill (the method declares which layers
+it reads): hidden states at any of them, attention rows of any query set at any of them (recomputed from
+that layer's input, so the layers stay on SDPA/flash), post-RoPE keys, the visual grids, and the vision
+tower's attention when the model adapter captured it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from clse_exp.pruning.attention import last_query_attention, post_rope_keys
+from clse_exp.pruning.attention import post_rope_keys, query_attention
 from clse_exp.pruning.slots import Slots
 
 
@@ -26,14 +32,14 @@ class Capture:
 class StageContext:
     """Signals for one stage before decoder layer `layer`, for every sample of the batch.
 
-    Per-sample accessors return the sample's CURRENT visual tokens in original order: `n_b` of them.
+    Per-sample accessors return the sample's CURRENT visual tokens in slot order: `n_b` of them.
     """
 
     layer: int
     stage_index: int
     hidden: torch.Tensor  # [B, L, C] input of decoder layer `layer`
     slots: Slots
-    cos: torch.Tensor  # [B, L, D] rotary of the current slots (original positions)
+    cos: torch.Tensor  # [B, L, D] rotary of the current slots
     sin: torch.Tensor
     is_visual: torch.Tensor  # [B, L] bool, visual and real
     visual_rank: torch.Tensor  # [B, L] index into the sample's ORIGINAL visual tokens (-1 elsewhere)
@@ -41,10 +47,17 @@ class StageContext:
     n_visual: list[int]
     layers: nn.ModuleList
     final_norm: nn.Module
-    reference: Capture | None = None
-    previous_layer_input: Capture | None = None
+    captures: dict[int, Capture] = field(default_factory=dict)
+    reference_layer: int = 0
     seed: int = 0
+    vision: list[Any] | None = None  # per sample: the adapter's vision-tower signals, when captured
+    attention_dtype: torch.dtype | None = None  # cast probabilities to it before the head mean (official code)
+    protocol: str = "uniform"
+    family: str = ""
+    prompt_start: torch.Tensor | None = None  # [B] sequence index of each sample's first real token
+    _cache: dict = field(default_factory=dict, repr=False)
 
+    # ------------------------------------------------------------------------------ positions
     def visual_positions(self, b: int) -> torch.Tensor:
         """Slot positions of sample b's current visual tokens, ascending."""
         return self.is_visual[b].nonzero().flatten()
@@ -57,18 +70,11 @@ class StageContext:
         """Slot positions of sample b's real non-visual tokens (system prompt, question, template)."""
         return (self.slots.valid[b] & ~self.is_visual[b]).nonzero().flatten()
 
-    def hidden_states(self, b: int) -> torch.Tensor:
-        """[n_b, C] visual hidden states at the input of layer K."""
-        return self.hidden[b, self.visual_positions(b)]
-
-    def reference_hidden_states(self, b: int) -> torch.Tensor:
-        """[n_b, C] the same tokens' hidden states at the input of the reference layer L."""
-        if self.reference is None:
-            raise RuntimeError("this method needs a reference layer, but none was captured")
-        ref = self.reference
-        lookup = torch.full((int(ref.slots.idx.max()) + 1,), -1, dtype=torch.long, device=ref.hidden.device)
-        lookup[ref.slots.idx[b][ref.slots.valid[b]]] = ref.slots.valid[b].nonzero().flatten()
-        return ref.hidden[b, lookup[self.slots.idx[b, self.visual_positions(b)]]]
+    def sequence_index(self, b: int, positions: torch.Tensor) -> torch.Tensor:
+        """Index of the tokens at slot `positions` in the sample's own unpadded prompt (as the official
+        batch-1 codes number them)."""
+        start = 0 if self.prompt_start is None else int(self.prompt_start[b])
+        return self.slots.idx[b, positions] - start
 
     def grids(self, b: int) -> list[tuple[int, int, int]]:
         """Sample b's visual grids (T, H, W), in prompt order; only defined before any visual token is cut."""
@@ -76,45 +82,86 @@ class StageContext:
             raise RuntimeError(f"grids are undefined at layer {self.layer}: visual tokens were already cut")
         return self.grids_per_sample[b]
 
-    @cached_property
-    def _attention(self) -> torch.Tensor:
-        prev = self._previous()
-        return last_query_attention(self.layers[self.layer - 1], prev.hidden, prev.cos, prev.sin, prev.slots.valid)
-
-    @cached_property
-    def _keys(self) -> torch.Tensor:
-        prev = self._previous()
-        keys = post_rope_keys(self.layers[self.layer - 1], prev.hidden, prev.cos, prev.sin)
-        return keys.transpose(1, 2).flatten(2)  # [B, L, kv_heads * head_dim]
-
-    def _previous(self) -> Capture:
-        if self.previous_layer_input is None:
-            raise RuntimeError(f"attention signals need a layer before the cut; layer {self.layer} has none")
-        return self.previous_layer_input
-
-    @cached_property
-    def _current_attention(self) -> torch.Tensor:
-        return last_query_attention(self.layers[self.layer], self.hidden, self.cos, self.sin, self.slots.valid)
-
-    def attention(self, b: int) -> torch.Tensor:
-        """[n_b] float32: the last prompt token's head-averaged attention in layer K-1 (softmax over all keys)."""
-        return self._attention[b, self.visual_positions(b)]
-
-    def current_layer_attention(self, b: int) -> torch.Tensor:
-        """[n_b] float32: like `attention`, but with layer K's own norm, projections and RoPE (PDrop)."""
-        return self._current_attention[b, self.visual_positions(b)]
-
-    def keys(self, b: int, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Post-RoPE keys of layer K-1, heads concatenated, at `positions` (default: the visual tokens)."""
-        return self._keys[b, self.visual_positions(b) if positions is None else positions]
-
-    def normed_hidden(self, b: int, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's final norm applied to layer K's input (DART's feature space)."""
-        rows = self.hidden[b, self.visual_positions(b) if positions is None else positions]
-        return self.final_norm(rows)
-
     def generator(self, b: int) -> torch.Generator:
         """A fresh generator seeded by (seed, stage, n_b): same draw for a sample alone or in any batch."""
         gen = torch.Generator(device="cpu")
         gen.manual_seed(self.seed * 1_000_003 + self.stage_index * 10_007 + len(self.visual_positions(b)))
         return gen
+
+    # ------------------------------------------------------------------------------ hidden states
+    def hidden_states(self, b: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, C] hidden states at the input of layer K (default: the current visual tokens)."""
+        return self.hidden[b, self.visual_positions(b) if positions is None else positions]
+
+    def hidden_at(self, layer: int, b: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, C] the same tokens' hidden states at the input of an earlier captured `layer`."""
+        capture = self._capture(layer)
+        return capture.hidden[b, self._in_capture(capture, b, positions)]
+
+    def reference_hidden_states(self, b: int) -> torch.Tensor:
+        """[n_b, C] the current visual tokens at the input of the reference layer L."""
+        return self.hidden_at(self.reference_layer, b)
+
+    def normed_hidden(self, b: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's final norm applied to layer K's input (DART's feature space)."""
+        return self.final_norm(self.hidden_states(b, positions))
+
+    # ------------------------------------------------------------------------------ attention
+    def attention(self, b: int, layer: int | None = None) -> torch.Tensor:
+        """[n_b] float32: the last prompt token's head-averaged attention over the current visual tokens
+        in `layer` (default K-1), softmax over all keys."""
+        layer = self.layer - 1 if layer is None else layer
+        if ("last", layer) not in self._cache:
+            capture = self._capture(layer)
+            batch, length = capture.slots.idx.shape
+            last = torch.full((batch, 1), length - 1, dtype=torch.long, device=capture.hidden.device)
+            self._cache[("last", layer)] = self._attend(layer, capture, last)[:, 0]
+        capture = self._capture(layer)
+        return self._cache[("last", layer)][b, self._in_capture(capture, b, None)]
+
+    def current_layer_attention(self, b: int) -> torch.Tensor:
+        """[n_b] float32: like `attention`, with layer K's own norm, projections and RoPE (PDrop)."""
+        return self.attention(b, layer=self.layer)
+
+    def attention_rows(self, b: int, queries: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """[Q, n_b] float32: attention of the query tokens (current slot positions, e.g. text raters) over
+        the current visual tokens in `layer` (default K-1), head-averaged, softmax over all visible keys."""
+        layer = self.layer - 1 if layer is None else layer
+        capture = self._capture(layer)
+        rows = self._in_capture(capture, b, queries)[None]
+        single = Capture(capture.hidden[b : b + 1], _one(capture.slots, b), capture.cos[b : b + 1],
+                         capture.sin[b : b + 1])
+        return self._attend(layer, single, rows)[0][:, self._in_capture(capture, b, None)]
+
+    def keys(self, b: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Post-RoPE keys of layer K-1, heads concatenated, at `positions` (default: the visual tokens)."""
+        layer = self.layer - 1
+        capture = self._capture(layer)
+        if ("keys", layer) not in self._cache:
+            keys = post_rope_keys(self.layers[layer], capture.hidden, capture.cos, capture.sin)
+            self._cache[("keys", layer)] = keys.transpose(1, 2).flatten(2)  # [B, L, kv_heads * head_dim]
+        return self._cache[("keys", layer)][b, self._in_capture(capture, b, positions)]
+
+    # ------------------------------------------------------------------------------ internals
+    def _capture(self, layer: int) -> Capture:
+        if layer == self.layer:
+            return Capture(self.hidden, self.slots, self.cos, self.sin)
+        if layer not in self.captures:
+            raise RuntimeError(f"layer {layer}'s input was not captured for the stage at layer {self.layer}; "
+                               "the method must list it in capture_layers()")
+        return self.captures[layer]
+
+    def _in_capture(self, capture: Capture, b: int, positions: torch.Tensor | None) -> torch.Tensor:
+        """Slot positions in `capture` of the current tokens at `positions` (default: visual)."""
+        positions = self.visual_positions(b) if positions is None else positions
+        if capture.slots is self.slots:
+            return positions
+        return capture.slots.lookup(self.slots.idx[b, positions], b)
+
+    def _attend(self, layer: int, capture: Capture, queries: torch.Tensor) -> torch.Tensor:
+        return query_attention(self.layers[layer], capture.hidden, capture.cos, capture.sin, capture.slots.valid,
+                               queries, self.attention_dtype)
+
+
+def _one(slots: Slots, b: int) -> Slots:
+    return Slots(slots.idx[b : b + 1], slots.valid[b : b + 1])

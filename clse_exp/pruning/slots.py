@@ -9,7 +9,7 @@ import torch
 
 @dataclass(frozen=True)
 class Slots:
-    """`idx` [B, L]: ORIGINAL sequence index of each slot (kept order is original order);
+    """`idx` [B, L]: ORIGINAL sequence index of each slot; slots are in the order the layer sees them.
     `valid` [B, L]: False for padding (left padding of the batch, and re-padding after a cut)."""
 
     idx: torch.Tensor
@@ -23,14 +23,27 @@ class Slots:
 
     def gather(self, full: torch.Tensor) -> torch.Tensor:
         """Pick the slots' entries from a per-original-token tensor `full` [B, S, ...]."""
-        index = self.idx
-        if full.dim() > 2:
-            index = index.reshape(*index.shape, *([1] * (full.dim() - 2))).expand(-1, -1, *full.shape[2:])
-        return full.expand(self.idx.shape[0], *full.shape[1:]).gather(1, index)
+        return gather_rows(full.expand(self.idx.shape[0], *full.shape[1:]), self.idx)
+
+    def lookup(self, original: torch.Tensor, b: int) -> torch.Tensor:
+        """Slot positions of sample b's ORIGINAL indices `original` (each must be a real slot here)."""
+        table = torch.full((int(self.idx.max()) + 1,), -1, dtype=torch.long, device=self.idx.device)
+        table[self.idx[b][self.valid[b]]] = self.valid[b].nonzero().flatten()
+        found = table[original]
+        if bool((found < 0).any()):
+            raise RuntimeError("a token was looked up at a layer where it was already pruned")
+        return found
+
+
+def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values [B, S, ...] gathered along dim 1 at index [B, L] -> [B, L, ...]."""
+    if values.dim() > 2:
+        index = index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+    return values.gather(1, index)
 
 
 def shrink(slots: Slots, keep_rows: list[torch.Tensor]) -> tuple[Slots, torch.Tensor]:
-    """Keep, for each sample b, the slot positions `keep_rows[b]` (ascending), left-padding to equal length.
+    """Keep, for each sample b, the slot positions `keep_rows[b]` in that order, left-padding to equal length.
 
     Returns the new Slots and `rel` [B, L']: for each new slot, its position among the old slots
     (pad slots point at old slot 0 and are marked invalid), to gather hidden states with.

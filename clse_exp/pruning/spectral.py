@@ -31,22 +31,26 @@ def frequency_mask(
     band: tuple[float, float] | None = None,
     order: int = 2,
     device: torch.device | str | None = None,
+    gaussian_eps: float = 0.0,
 ) -> torch.Tensor:
     """Float32 mask of `shape` ((H, W) or (T, H, W)) over an fftshift-ed spectrum; 1 keeps a frequency.
 
     Distances d are measured from the centre index (T//2, H//2, W//2) and scaled by the radius
     min(shape) // 2: the cutoff is `radius * cutoff_ratio`, a band is (low, high) fractions of the radius.
     A high-pass filter with `cutoff_ratio == 0` is all-pass (a zero cutoff removes nothing).
+    `gaussian_eps` is added to the Gaussian's 2 sigma^2 (the official Video-LLaVA code adds 1e-6).
     """
     shape = tuple(int(size) for size in shape)
     band = None if band is None else tuple(float(edge) for edge in band)
     # copy=True so a caller that edits its mask in place cannot corrupt the cached one.
-    return _cached_mask(shape, filter, float(cutoff_ratio), band, int(order)).to(device=device, copy=True)
+    return _cached_mask(shape, filter, float(cutoff_ratio), band, int(order), float(gaussian_eps)).to(
+        device=device, copy=True)
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_mask(
-    shape: tuple[int, ...], filter: str, cutoff_ratio: float, band: tuple[float, ...] | None, order: int
+    shape: tuple[int, ...], filter: str, cutoff_ratio: float, band: tuple[float, ...] | None, order: int,
+    gaussian_eps: float,
 ) -> torch.Tensor:
     _check_filter_knobs(shape, filter, cutoff_ratio, band, order)
     if filter.endswith("highpass") and cutoff_ratio == 0:
@@ -61,9 +65,9 @@ def _cached_mask(
     d = _distance_from_centre(shape)
     cutoff = radius * cutoff_ratio
     if filter == "gaussian_highpass":
-        mask = 1 - torch.exp(-(d**2) / (2 * cutoff**2))
+        mask = 1 - torch.exp(-(d**2) / (2 * cutoff**2 + gaussian_eps))
     elif filter == "gaussian_lowpass":
-        mask = torch.exp(-(d**2) / (2 * cutoff**2))
+        mask = torch.exp(-(d**2) / (2 * cutoff**2 + gaussian_eps))
     elif filter == "ideal_highpass":
         mask = (d > cutoff).double()
     elif filter == "butterworth_highpass":
@@ -174,6 +178,7 @@ def clse_scores(
     filter: str = "gaussian_highpass",
     band: tuple[float, float] | None = None,
     order: int = 2,
+    gaussian_eps: float = 0.0,
 ) -> torch.Tensor:
     """CLSE importance of each visual token, float32 [B, N]; higher means keep.
 
@@ -194,7 +199,8 @@ def clse_scores(
     if z_ref is None or z_cur is None or z_ref.shape != z_cur.shape:
         raise ValueError("z_ref and z_cur must both be given with the same shape [B, N, C]")
     grids = _as_grids(grid_thw, n_tokens=z_ref.shape[1])
-    knobs = dict(spectral=spectral, filter=filter, cutoff_ratio=cutoff_ratio, band=band, order=order)
+    knobs = dict(spectral=spectral, filter=filter, cutoff_ratio=cutoff_ratio, band=band, order=order,
+                 gaussian_eps=gaussian_eps)
     s_ref = _energy_per_image(z_ref, grids, **knobs)
     s_cur = _energy_per_image(z_cur, grids, **knobs)
     evolution = evolution_factor(s_ref, s_cur, temperature)

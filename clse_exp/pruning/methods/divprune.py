@@ -1,18 +1,36 @@
-"""DivPrune (Alvar et al., 2025): a max-min diverse subset of the visual embeddings at the LLM input."""
+"""DivPrune (Alvar et al., CVPR 2025): a max-min diverse subset of the visual embeddings at the LLM input.
+
+Official code (vbdi/divprune@799e2d9, LLaVA/llava/model/llava_arch.py:147-171, 352-386): distances
+D = 1 - cosine of the projector outputs; the first pick is the token whose nearest other token is farthest
+(the second-smallest entry of its column of D, the smallest being its own ~0 distance), then repeatedly
+the token whose distance to the nearest picked token is largest, picked tokens not excluded explicitly
+(their ~0 self-distance keeps them out); count round(ratio * N); the survivors are fed as a shorter
+sequence, so their positions are contiguous. `uniform` excludes picked tokens explicitly and keeps
+original positions.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from clse_exp.pruning.methods.base import PruningMethod
+from clse_exp.pruning.methods.base import ModelFacts, PruningMethod, Rules
 from clse_exp.pruning.signals import StageContext
+
+
+def pre_llm_rules(protocol: str, facts: ModelFacts) -> Rules:
+    """A method that cuts at the LLM input feeds fewer tokens: contiguous positions at prefill and decode.
+    M-RoPE families place text after an image by the grid's extent, not its token count, so they keep
+    the original (3-D) positions."""
+    if protocol == "official" and not facts.mrope:
+        return Rules(prefill="compact", decode="cache_length")
+    return Rules()
 
 
 def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy max-min diversity under D = 1 - cosine: [N, C] -> k positions, in pick order.
 
     First pick: the token farthest from its nearest neighbour; then, repeatedly, the token whose
-    distance to the nearest already-picked token is largest.
+    distance to the nearest already-picked token is largest (picked tokens excluded).
     """
     unit = torch.nn.functional.normalize(features.float(), dim=-1)
     distance = 1.0 - unit @ unit.T
@@ -29,10 +47,28 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(picks, device=features.device)
 
 
+def official_max_min(features: torch.Tensor, k: int) -> torch.Tensor:
+    """The official greedy, step for step: second-smallest column entry first, no explicit exclusion."""
+    unit = features / features.norm(dim=1, keepdim=True)
+    distance = 1.0 - unit @ unit.T
+    picks = [int(distance.topk(2, dim=0, largest=False).values[1].argmax())]
+    for _ in range(k - 1):
+        picks.append(int(distance[picks].min(dim=0).values.argmax()))
+    return torch.tensor(picks, device=features.device)
+
+
 class DivPrune(PruningMethod):
     """Runs at the LLM input (layer 0): the features are the projector outputs."""
 
     name = "divprune"
 
+    def rules(self, protocol: str, facts: ModelFacts) -> Rules:
+        return pre_llm_rules(protocol, facts)
+
+    def capture_layers(self, layers) -> set[int]:
+        return set()
+
     def select(self, ctx: StageContext, b: int, k: int) -> torch.Tensor:
+        if ctx.protocol == "official":
+            return official_max_min(ctx.hidden_states(b), k)
         return max_min_diverse(ctx.hidden_states(b), k)

@@ -1,0 +1,62 @@
+"""One typed record per prefill: what every layer processed and cached, and what each stage kept.
+
+FLOPs, KV-cache bytes, retention, positional statistics and kept-token overlays are all computed from
+it, so no policy strings travel between the engine, the runner and the benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StageRecord:
+    """One cut before decoder `layer`, for every sample of the batch."""
+
+    layer: int
+    budget: list[int]  # per sample: visual tokens the stage was asked to keep
+    kept: list[list[int]]  # per sample: kept ORIGINAL visual indices, in the order they sit in the sequence
+    merged: list[int]  # per sample: kept tokens whose hidden states a merge replaced
+    seconds: float = 0.0
+
+
+@dataclass
+class SampleRecord:
+    """One sample's prefill. Token counts include the real text tokens (padding excluded)."""
+
+    n_visual: int
+    n_prompt: int  # real prompt tokens (text + visual) before any cut
+    grids: list[list[int]]
+    processed: list[int]  # per decoder layer: tokens it ran on at prefill
+    cached: list[int]  # per decoder layer: tokens its KV cache holds after prefill
+    kept_per_stage: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)  # ORIGINAL visual indices after the last cut
+    budget_unreachable: bool = False  # the image is too small for the asked budget: fewest tokens kept
+
+    @property
+    def visual_per_layer(self) -> list[int]:
+        n_text = self.n_prompt - self.n_visual
+        return [tokens - n_text for tokens in self.processed]
+
+    @property
+    def retention(self) -> dict[str, float]:
+        """Exact layer-averaged and final fraction of the visual tokens each layer processed."""
+        if not self.n_visual:
+            return {"average": 1.0, "final": 1.0}
+        per_layer = self.visual_per_layer
+        return {"average": sum(per_layer) / (self.n_visual * len(per_layer)), "final": per_layer[-1] / self.n_visual}
+
+    def as_dict(self) -> dict:
+        """The JSON form written to predictions.jsonl."""
+        return {
+            "n_visual": self.n_visual, "n_prompt": self.n_prompt, "grids": self.grids,
+            "kept_per_stage": self.kept_per_stage, "kept": self.kept, "visual_per_layer": self.visual_per_layer,
+            "tokens_processed": self.processed, "tokens_cached": self.cached, "retention": self.retention,
+            "budget_unreachable": self.budget_unreachable,
+        }
+
+
+def unpruned_record(n_prompt: int, n_visual: int, grids: list[list[int]], num_layers: int) -> SampleRecord:
+    """The record of a stock prefill: every layer processes and caches the whole prompt."""
+    return SampleRecord(n_visual, n_prompt, grids, [n_prompt] * num_layers, [n_prompt] * num_layers,
+                        kept=list(range(n_visual)))
