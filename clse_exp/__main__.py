@@ -50,7 +50,8 @@ def main(cfg: DictConfig) -> None:
         owner = sweep_status.unpruned_owner(cfg, run_dir, sweep_dir) if sweep_dir else None
         if owner is not None:
             (run_dir / sweep_status.SAME_AS).write_text(f"{owner.relative_to(sweep_dir)}\n")
-            print(f"clse_exp: prune=none ignores keep, budget, schedule and layers; this point shares {owner}")
+            print("clse_exp: prune=none ignores keep, budget, schedule, protocol and layers; this point shares "
+                  f"{owner}")
             return
         run(cfg, run_dir)
     except ConfigError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from clse_exp import models
 from clse_exp.api import make_pruner
+from clse_exp.config import FAMILIES, validate_device
 from clse_exp.data.sample import Sample
 from clse_exp.efficiency.accounting import sample_costs
 from clse_exp.efficiency.timing import GenerationTimer
-from clse_exp.errors import ConfigError
+from clse_exp.errors import ConfigError, choose_one
+from clse_exp.generation import generate, prefill_records
+from clse_exp.pruning.methods import METHODS
+from clse_exp.pruning.methods.base import PROTOCOLS
+from clse_exp.pruning.schedule import check_budget
 
 
 def build_model(cfg: DictConfig, device: str) -> models.LoadedModel:
@@ -51,50 +57,34 @@ def bench_inputs(loaded: models.LoadedModel, cfg: DictConfig) -> dict:
 
 def measure(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig, pruner: Any = None) -> dict:
     """Medians over repeats of prefill time, decode time per token and scoring time."""
-    tokenizer = loaded.processor.tokenizer
     rows = []
     for i in range(cfg.warmup + cfg.repeats):
         timer = GenerationTimer(loaded.model, loaded.adapter.vision_towers(loaded.model), loaded.device)
-        with torch.inference_mode(), timer:
-            context = pruner.attach(loaded.model) if pruner is not None else _null()
-            with context:
-                loaded.model.generate(**inputs, max_new_tokens=cfg.decode_tokens + 1,
-                                      min_new_tokens=cfg.decode_tokens + 1, do_sample=False,
-                                      pad_token_id=tokenizer.pad_token_id)
+        generate(loaded, inputs, cfg.decode_tokens + 1, pruner, timer, min_new_tokens=cfg.decode_tokens + 1,
+                 stop=False)
         if i >= cfg.warmup:
             rows.append({"prefill_s": timer.prefill_s, "decode_s": timer.decode_s_per_token,
                          "scoring_s": pruner.stage_seconds if pruner is not None else 0.0})
     result = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    record = pruner.trace_records()[0] if pruner is not None else {}
-    prompt = int(inputs["attention_mask"][0].sum())
-    result.update(sample_costs(loaded.model.config, prompt, record,
-                               pruner.kv_policy if pruner else "ragged", loaded.model.dtype))
-    result["retention"] = record.get("retention", {"average": 1.0, "final": 1.0})
+    record = prefill_records(loaded, inputs, pruner)[0]
+    result.update(sample_costs(loaded.model.config, record, loaded.model.dtype))
+    result["retention"] = record.retention
     return result
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: Any) -> None:
-        return None
 
 
 def rows_for(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig) -> list[dict]:
     base = measure(loaded, inputs, cfg)
     rows = [{"method": "none", "keep": 1.0, **_ratios(base, base)}]
+    facts = loaded.adapter.facts(loaded.model.config)
     for method in cfg.methods:
         for keep in cfg.keeps:
-            layers = list(cfg.stage_layers[method])
-            try:
-                pruner = make_pruner(method, keep=keep, budget=cfg.budget, layers="single", prune_layers=layers)
-                pruner.time_stages = True
-                result = measure(loaded, inputs, cfg, pruner)
+            try:  # each method at its own layers for this depth
+                pruner = make_pruner(method, keep=keep, budget=cfg.budget, protocol=cfg.protocol).bind(facts)
             except ConfigError as err:
                 rows.append({"method": method, "keep": keep, "skipped": str(err)})
                 continue
-            rows.append({"method": method, "keep": keep, **_ratios(result, base)})
+            pruner.time_stages = True
+            rows.append({"method": method, "keep": keep, **_ratios(measure(loaded, inputs, cfg, pruner), base)})
     return rows
 
 
@@ -145,8 +135,27 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def validate(cfg: DictConfig) -> None:
+    """Everything checkable before a model is built: one line naming the bad value."""
+    for key, low in (("repeats", 1), ("warmup", 0), ("batch_size", 1), ("decode_tokens", 1), ("visual_tokens", 4)):
+        if cfg[key] < low:
+            raise ConfigError(f"{key}={cfg[key]} must be >= {low}")
+    choose_one("model.family", cfg.model.family, FAMILIES)
+    for method in cfg.methods:
+        choose_one("methods entry", method, sorted(METHODS))
+    for keep in cfg.keeps:
+        check_budget(keep, cfg.budget, "auto", None)
+    choose_one("protocol", cfg.protocol, PROTOCOLS)
+    validate_device(cfg.device, cfg.model.attn_implementation)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        print(f"clse_exp.bench: error: {err}", file=sys.stderr)
+        sys.exit(2)
     out = Path(HydraConfig.get().runtime.output_dir)
     device = models.resolve_device(cfg.device)
     loaded = build_model(cfg, str(device))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from clse_exp.models import LoadedModel
+from clse_exp.pruning.record import SampleRecord, unpruned_record
 
 
 def batched(items: list, size: int) -> Iterator[list]:
@@ -43,3 +44,15 @@ def decode(loaded: LoadedModel, sequences: torch.Tensor, prompt_length: int) -> 
     """The generated continuation of each row, special tokens dropped, whitespace stripped."""
     texts = loaded.processor.tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
     return [t.strip() for t in texts]
+
+
+def prefill_records(loaded: LoadedModel, inputs: dict, pruner: Any = None) -> list[SampleRecord]:
+    """Per sample of the last call: the pruner's record, or the unpruned prefill's (every layer processes and
+    caches the whole prompt), for FLOPs, KV bytes and retention."""
+    if pruner is not None:
+        return pruner.records
+    grids = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
+    layout = loaded.adapter.visual_layout(loaded.model, inputs["input_ids"], **grids)
+    prompt_tokens = inputs["attention_mask"].sum(1).tolist()
+    return [unpruned_record(int(n), sum(s.length for s in segments), [list(s.grid) for s in segments],
+                            loaded.num_layers) for n, segments in zip(prompt_tokens, layout, strict=True)]

@@ -27,10 +27,10 @@ import pandas as pd
 from clse_exp import sweep_status
 from clse_exp.tracking import wandb_report
 
-ID_COLUMNS = ("model", "dataset", "method", "keep", "budget", "schedule", "layers")
+ID_COLUMNS = ("model", "dataset", "method", "keep", "budget", "schedule", "protocol", "layers")
 SHOWN_AS = {"prune.name": "method", "model.name": "model", "dataset.name": "dataset"}
 # Keys that are the table's columns or split it into sections, never row keys.
-AXES = ("keep", "budget", "schedule")
+AXES = ("keep", "budget", "schedule", "protocol")
 UNPRUNED = "unpruned"
 MISSING = "-"  # a key the run's config does not have (e.g. prune.filter for fastv), or one prune=none ignores
 
@@ -51,13 +51,12 @@ def ignored_by_unpruned(key: str) -> bool:
     return head in sweep_status.UNPRUNED_IGNORES or (head == "prune" and key != "prune.name")
 
 
-def keep_meaning(budget: str, schedule: str) -> str:
-    """What the keep axis means for runs with this budget and schedule (README, Budget semantics)."""
-    if schedule == "paper":
-        return "keep (the paper's nominal budget: per-stage tables, schedule=paper)"
-    if budget == "final":
-        return "keep (fraction after the last cut)"
-    return "keep (layer-averaged)"
+def keep_meaning(budget: str, schedule: str, protocol: str = "uniform") -> str:
+    """What the keep axis means for runs with this budget, schedule and protocol (README, Budget semantics)."""
+    meaning = "fraction after the last cut" if budget == "final" else "layer-averaged"
+    if schedule == "paper" or protocol == "official":
+        return f"keep ({meaning}, as each method's official count rule reads it; see retention for what it kept)"
+    return f"keep ({meaning})"
 
 
 def collect(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[sweep_status.Point]]:
@@ -74,11 +73,13 @@ def collect(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[sweep_status.P
         flat = flatten(cfg)
         method = flat.get("prune.name")
         unpruned = method == "none"
-        layers = MISSING if unpruned else f"{flat.get('layers.reference_layer')}->{flat.get('layers.prune_layers')}"
+        reference, prune_layers = flat.get("layers.reference_layer"), flat.get("layers.prune_layers")
+        layers = MISSING if unpruned else ("auto" if prune_layers is None else f"{reference}->{prune_layers}")
         row = {"model": flat.get("model.name"), "dataset": flat.get("dataset.name"), "method": method,
                "keep": float("nan") if unpruned else flat.get("keep"),
                "budget": MISSING if unpruned else flat.get("budget", "average"),
-               "schedule": MISSING if unpruned else flat.get("schedule", "auto"), "layers": layers,
+               "schedule": MISSING if unpruned else flat.get("schedule", "auto"),
+               "protocol": MISSING if unpruned else flat.get("protocol", "uniform"), "layers": layers,
                "n_samples": summary.get("n_samples"), "run_dir": str(path.parent.relative_to(root))}
         row.update({k: v for k, v in summary.get("metrics", {}).items() if isinstance(v, int | float)})
         row.update({f"retention_{k}": v for k, v in summary.get("retention", {}).items() if not isinstance(v, list)})
@@ -162,15 +163,20 @@ def table(frame: pd.DataFrame, values: str, keys: list[str]) -> pd.DataFrame:
 
 
 def sections(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """(keep meaning, file suffix, runs) per budget/schedule pair of the pruned runs; the unpruned runs go in each."""
+    """(keep meaning, file suffix, runs) per budget/schedule/protocol of the pruned runs; the unpruned runs go in
+    each."""
     unpruned = frame[frame["method"] == "none"]
     pruned = frame[frame["method"] != "none"]
-    pairs = sorted(set(zip(pruned["budget"], pruned["schedule"], strict=True))) or [("average", "auto")]
+    triples = sorted(set(zip(pruned["budget"], pruned["schedule"], pruned["protocol"], strict=True)))
+    triples = triples or [("average", "auto", "official")]
     out = []
-    for budget, schedule in pairs:
-        runs = pruned[(pruned["budget"] == budget) & (pruned["schedule"] == schedule)]
-        suffix = "" if len(pairs) == 1 else f"_{budget}" + ("_paper" if schedule == "paper" else "")
-        title = keep_meaning(budget, schedule) + ("" if len(pairs) == 1 else f", budget={budget} schedule={schedule}")
+    for budget, schedule, protocol in triples:
+        chosen = (pruned["budget"] == budget) & (pruned["schedule"] == schedule) & (pruned["protocol"] == protocol)
+        runs = pruned[chosen]
+        suffix = "" if len(triples) == 1 else f"_{budget}_{protocol}" + ("_paper" if schedule == "paper" else "")
+        title = keep_meaning(budget, schedule, protocol)
+        if len(triples) > 1:
+            title += f", budget={budget} schedule={schedule} protocol={protocol}"
         out.append((title, suffix, pd.concat([runs, unpruned])))
     return out
 

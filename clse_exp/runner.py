@@ -28,11 +28,11 @@ from clse_exp.efficiency.kv_cache import measured_kv_bytes
 from clse_exp.efficiency.memory import peak_memory_bytes, reset_peak
 from clse_exp.efficiency.timing import GenerationTimer
 from clse_exp.errors import ConfigError
-from clse_exp.generation import batched, decode, generate
+from clse_exp.generation import batched, decode, generate, prefill_records
 from clse_exp.metrics import sample_score, score
 from clse_exp.metrics.fidelity import first_token_kl
 from clse_exp.metrics.positions import positional_summary
-from clse_exp.pruning.record import SampleRecord, unpruned_record
+from clse_exp.pruning.record import SampleRecord
 from clse_exp.run_id import HASHED_KEYS, config_hash, hashed_config
 from clse_exp.tracking.environment import environment
 from clse_exp.tracking.local import LocalSink
@@ -60,11 +60,7 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
     grids = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
     layout = loaded.adapter.visual_layout(loaded.model, inputs["input_ids"], **grids)
     prompt_tokens = inputs["attention_mask"].sum(1).tolist()
-    if pruner is not None:
-        sample_records = pruner.records
-    else:
-        sample_records = [unpruned_record(n, sum(s.length for s in segments), [list(s.grid) for s in segments],
-                                          loaded.num_layers) for n, segments in zip(prompt_tokens, layout, strict=True)]
+    sample_records = prefill_records(loaded, inputs, pruner)
     ref_out = out
     if reference and pruner is not None:
         ref_out = generate(loaded, inputs, max_new_tokens)
@@ -177,12 +173,16 @@ def claim_folder(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """`key: saved -> current` for every leaf that differs."""
+    """`key: saved there, current now` for every leaf that differs (a group whose name differs is one entry:
+    its other keys follow from the name)."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b, name = saved.get(key), current.get(key), f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{name}.")
+            if "name" in a and a.get("name") != b.get("name"):
+                out.append(f"{name}.name: {a.get('name')!r} there, {b.get('name')!r} now")
+            else:
+                out += _differences(a, b, f"{name}.")
         elif a != b:
             out.append(f"{name}: {a!r} there, {b!r} now")
     return out

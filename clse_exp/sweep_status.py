@@ -3,7 +3,7 @@
 A sweep point folder ends in one of these states (besides Hydra's .hydra/ and the results):
 summary.json (done), error.txt (could not run: one line, e.g. a budget the layers cannot reach),
 crash.txt (the run raised: its traceback), same_as.txt (a prune=none point: the unpruned run ignores
-keep, budget, schedule and layers, so the sweep runs it once and the other such points name that folder).
+keep, budget, schedule, protocol and layers, so the sweep runs it once and the other such points name that folder).
 A folder with none of them was killed (out of memory, time limit, node lost) or is still running.
 
 The callback also refuses an output folder it cannot write before Hydra tries to log into it, and marks
@@ -33,7 +33,7 @@ SUMMARY, ERROR, CRASH, SAME_AS = "summary.json", "error.txt", "crash.txt", "same
 ATTEMPT = ".clse_exp_sweep"  # in the sweep folder: the token of the attempt now running
 POINT_MARK = ".clse_exp_point"  # in a point folder: "<token> <job number>" of the attempt that last ran it
 CLAIMS = ".clse_exp_unpruned"  # sweep folder: which point runs each distinct unpruned config
-UNPRUNED_IGNORES = ("keep", "budget", "schedule", "layers")
+UNPRUNED_IGNORES = ("keep", "budget", "schedule", "protocol", "layers")
 STATES = ("done", "same_as", "could_not_run", "crashed", "unfinished")
 
 

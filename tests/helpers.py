@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 
 from clse_exp.data.sample import Sample
+from clse_exp.pruning.engine import Pruner
+from clse_exp.pruning.methods.base import PruningMethod, Selection
 
 QUESTIONS = (
     "Is there a red circle?",
@@ -30,3 +33,45 @@ def samples(
         images = [noise_image(100 * i + j, size) for j in range(count)]
         out.append(Sample(f"s{i}", QUESTIONS[i % len(QUESTIONS)], "yes", images))
     return out
+
+
+def greedy(loaded, inputs, pruner=None, use_cache=True, steps=6):
+    tok = loaded.processor.tokenizer
+    kwargs = dict(max_new_tokens=steps, do_sample=False, use_cache=use_cache, pad_token_id=tok.pad_token_id,
+                  eos_token_id=None, min_new_tokens=steps, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        if pruner is None:
+            out = loaded.model.generate(**inputs, **kwargs)
+        else:
+            with pruner.attach(loaded.model):
+                out = loaded.model.generate(**inputs, **kwargs)
+    return out.sequences[:, -steps:], torch.stack(out.scores)
+
+
+class Replay(PruningMethod):
+    """Keeps, at every stage of every call, the tokens `recorded` lists for that stage and sample (the
+    cached run's choice), so a no-cache recomputation of each decode step re-prunes the same tokens."""
+
+    name = "replay"
+
+    def __init__(self, original: PruningMethod, recorded: list[list[list[int]]]) -> None:
+        super().__init__(original.options)
+        self.original, self.recorded = original, recorded
+        for hook in ("default_layers", "default_shape", "official_counts", "rules", "capture_layers"):
+            setattr(self, hook, getattr(original, hook))
+
+    def select(self, ctx, b, k):
+        original = ctx.original_index(b).tolist()
+        wanted = self.recorded[ctx.stage_index][b]
+        return Selection(torch.tensor([original.index(i) for i in wanted]))
+
+
+def cached_vs_recomputed(loaded, inputs, pruner):
+    """(cached decode logits, logits of recomputing every step without a cache, re-pruning the same tokens)."""
+    tokens, cached = greedy(loaded, inputs, pruner)
+    kept = [stage["kept"] for stage in pruner.trace]
+    replay = Pruner(Replay(pruner.method, kept), keep=pruner.keep, budget=pruner.budget, schedule=pruner.schedule,
+                    protocol=pruner.protocol, kv_policy=pruner.kv_policy)
+    replay_tokens, recomputed = greedy(loaded, inputs, replay, use_cache=False)
+    assert torch.equal(tokens, replay_tokens)
+    return cached, recomputed

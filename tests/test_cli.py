@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from clse_exp.config import group_options
 
 
@@ -42,7 +44,7 @@ def test_default_run_writes_predictions_and_summary(tmp_path):
 
 def test_every_method_runs_from_the_cli(tmp_path):
     methods = ",".join(group_options("prune"))
-    result = subprocess.run(cli("-m", f"prune={methods}", "keep=0.3", "dataset.limit=3",
+    result = subprocess.run(cli("-m", f"prune={methods}", "keep=0.3", "protocol=uniform", "dataset.limit=3",
                                 f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${prune.name}"),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -56,7 +58,8 @@ def test_every_method_runs_from_the_cli(tmp_path):
 
 
 def test_clse_and_fastv_reach_keep_0_1(tmp_path):
-    result = subprocess.run(cli("-m", "prune=clse,fastv", "keep=0.1", "dataset.limit=2", f"hydra.sweep.dir={tmp_path}",
+    result = subprocess.run(cli("-m", "prune=clse,fastv", "keep=0.1", "protocol=uniform", "dataset.limit=2",
+                                f"hydra.sweep.dir={tmp_path}",
                                 "hydra.sweep.subdir=${prune.name}"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     for method in ("clse", "fastv"):
@@ -95,3 +98,21 @@ def test_same_config_resumes_in_its_content_addressed_folder(tmp_path):
     assert len(summaries) == 1  # batch size and limit do not change the folder
     summary = json.loads(summaries[0].read_text())
     assert summary["n_samples"] == 3 and summary["timings"]["resumed_from"] == 2
+
+
+def test_a_folder_refuses_to_resume_another_run(tmp_path):
+    """Resuming checks the folder's run identity (its config hash) and names the keys that differ."""
+    from clse_exp.api import compose_config
+    from clse_exp.errors import ConfigError
+    from clse_exp.runner import run
+
+    first = run(compose_config(["keep=0.6", "dataset.limit=2", "eval.reference=true"]), tmp_path)
+    assert first["config"]["prune"]["name"] == "clse"
+    with pytest.raises(ConfigError, match=r"holds another run's results \(prune.name: 'clse' there, 'random' now"):
+        run(compose_config(["keep=0.6", "prune=random", "dataset.limit=2", "eval.reference=true"]), tmp_path)
+    with pytest.raises(ConfigError, match="eval.reference: True there, False now"):
+        run(compose_config(["keep=0.6", "dataset.limit=2", "eval.reference=false"]), tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["prune"]["name"] == "clse"
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(ConfigError, match="unknown run"):
+        run(compose_config(["keep=0.6", "dataset.limit=2"]), tmp_path)

@@ -142,7 +142,7 @@ def test_video_file_is_sampled_into_frames_and_answered_like_our_runner(tmp_path
     answers = lm.generate_until(requests)
 
     ours = answer_batch(lm.loaded, [Sample(str(i), d["question"], "", [], sample_frames(d["video"], 4))
-                                    for i, d in enumerate(docs)], 4, lm.pruner, reference=False)
+                                    for i, d in enumerate(docs)], 4, lm.pruner, reference=False, task="synthetic")
     assert answers == [r["prediction"] for r in ours]
     records = [json.loads(line) for line in (tmp_path / "stats" / "video_task" / "predictions.jsonl").open()]
     assert [r["grids"] for r in records] == [r["grids"] for r in ours]

@@ -64,9 +64,11 @@ def test_unterminated_last_line_that_parses_is_not_taken_for_a_torn_write(tmp_pa
 
 
 def test_damaged_predictions_stop_the_cli_with_one_line(tmp_path):
-    write(tmp_path, lines(GOOD[0]) + b"null\n")
-    result = subprocess.run([sys.executable, "-m", "clse_exp", f"hydra.run.dir={tmp_path}", "dataset.limit=1",
-                             "eval.reference=false"], capture_output=True, text=True, timeout=300)
+    args = [sys.executable, "-m", "clse_exp", f"hydra.run.dir={tmp_path}", "dataset.limit=1", "eval.reference=false"]
+    assert subprocess.run(args, capture_output=True, timeout=300).returncode == 0  # the folder now holds this run
+    with (tmp_path / "predictions.jsonl").open("ab") as f:
+        f.write(b"null\n")
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"clse_exp: error: {tmp_path}/predictions.jsonl, line 2:")
     assert "Traceback" not in result.stderr

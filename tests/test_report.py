@@ -117,7 +117,8 @@ def test_a_key_that_differs_between_methods_is_shown_and_blocks_a_false_baseline
 @pytest.mark.parametrize(("budget", "schedule", "label"), [
     ("final", "auto", "keep (fraction after the last cut)"),
     ("average", "auto", "keep (layer-averaged)"),
-    ("average", "paper", "keep (the paper's nominal budget: per-stage tables, schedule=paper)"),
+    ("average", "paper", "keep (layer-averaged, as each method's official count rule reads it; see retention for "
+                         "what it kept)"),
 ])
 def test_keep_axis_says_what_keep_meant(tmp_path, budget, schedule, label):
     fake_run(tmp_path, "a", "clse", 0.5, 0.4, budget=budget, schedule=schedule)
@@ -131,12 +132,13 @@ def test_mixed_budgets_are_separate_tables_and_plots(tmp_path):
     fake_run(tmp_path, "final", "fastv", 0.5, 0.2, budget="final")
     result = write_report(tmp_path)
     markdown = (tmp_path / "report.md").read_text()
-    average = md_rows(markdown, "## `accuracy` by keep (layer-averaged), budget=average schedule=auto")
-    final = md_rows(markdown, "## `accuracy` by keep (fraction after the last cut), budget=final schedule=auto")
+    average = md_rows(markdown, "## `accuracy` by keep (layer-averaged), budget=average schedule=auto protocol=uniform")
+    final = md_rows(markdown, "## `accuracy` by keep (fraction after the last cut), budget=final schedule=auto "
+                              "protocol=uniform")
     assert average == [["m", "d", "fastv", "-", "0.4"], ["m", "d", "none", "0.8", "-"]]
     assert final == [["m", "d", "fastv", "-", "0.2"], ["m", "d", "none", "0.8", "-"]]
     names = {p.rsplit("/", 1)[1] for p in result["images"]}
-    assert {"metric_vs_keep_average.png", "metric_vs_keep_final.png", "kept_rows.png"} <= names
+    assert {"metric_vs_keep_average_uniform.png", "metric_vs_keep_final_uniform.png", "kept_rows.png"} <= names
 
 
 def test_report_on_a_folder_without_results_is_a_clear_error(tmp_path):

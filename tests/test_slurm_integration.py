@@ -108,7 +108,7 @@ def test_sweep_runs_every_point_on_slurm_and_reports(slurm, tmp_path):
     report = subprocess.run([sys.executable, "-m", "clse_exp.report", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
-    assert "4 runs (0 failed points)" in report.stdout
+    assert "4 runs, 0 points that could not run, 0 crashed/unfinished points" in report.stdout
     with open(tmp_path / "report.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted((row["method"], float(row["keep"])) for row in rows) == [

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from clse_exp import sweep_status
 
 # The toy model (4 layers, the default): fastv cannot reach keep=0.1 (its layers 0-1 see every token).
-TINY_SWEEP = ["prune=none,fastv", "keep=0.1,0.5", "dataset.limit=1", "eval.reference=false"]
-FASTV_LINE = "  prune=fastv keep=0.1: keep=0.1 is below 0.513889"
+TINY_SWEEP = ["prune=none,fastv", "keep=0.1,0.6", "dataset.limit=1", "eval.reference=false"]
+FASTV_LINE = "  prune=fastv keep=0.1: keep=0.1 is not above 0.500000"
 
 
 def cli(*args: str, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -44,20 +44,20 @@ def test_sweep_with_an_infeasible_point_ends_with_one_counting_line_and_exit_1(t
                                f"error.txt or crash.txt under {tmp_path}; ")
     assert len(lines) == 2 and lines[1].startswith(FASTV_LINE)
     assert "Traceback" not in result.stderr
-    # The other points' results are kept; prune=none ran once, its keep=0.5 twin points to that run.
+    # The other points' results are kept; prune=none ran once, its keep=0.6 twin points to that run.
     assert len(files(tmp_path, "summary.json")) == 2 and len(files(tmp_path, "error.txt")) == 1
     (same_as,) = files(tmp_path, "same_as.txt")
     owner = tmp_path / same_as.read_text().strip()
     assert json.loads((owner / "summary.json").read_text())["config"]["prune"]["name"] == "none"
 
     # A rerun into the same folder counts only its own points, and a point that now runs drops its stale error.
-    fastv_05 = next(p.parent for p in files(tmp_path, "summary.json") if "/fastv/" in str(p))
-    (fastv_05 / "error.txt").write_text("stale: from an earlier attempt\n")
-    again = cli("-m", "prune=fastv", "keep=0.5", "dataset.limit=1", "eval.reference=false",
+    fastv_06 = next(p.parent for p in files(tmp_path, "summary.json") if "/fastv/" in str(p))
+    (fastv_06 / "error.txt").write_text("stale: from an earlier attempt\n")
+    again = cli("-m", "prune=fastv", "keep=0.6", "dataset.limit=1", "eval.reference=false",
                 f"hydra.sweep.dir={tmp_path}")
     assert again.returncode == 0, again.stderr
     assert f"clse_exp: all 1 sweep points have results in {tmp_path}" in again.stdout
-    assert not (fastv_05 / "error.txt").exists()
+    assert not (fastv_06 / "error.txt").exists()
 
 
 @pytest.mark.slow

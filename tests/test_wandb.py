@@ -62,7 +62,7 @@ def finished_history(run_root) -> dict[str, str]:
 
 def test_offline_run_history_holds_the_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = compose_config(["logger=wandb", "prune=clse", "keep=0.25", "dataset.limit=3"])
+    cfg = compose_config(["logger=wandb", "prune=clse", "keep=0.5", "dataset.limit=3"])
     summary = run(cfg, tmp_path)
     history = finished_history(tmp_path)
     assert float(history["metrics/first_token_kl"]) == summary["metrics"]["first_token_kl"]

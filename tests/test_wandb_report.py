@@ -20,8 +20,8 @@ LOCAL_FILES = ("report.md", "report.csv", "metric_vs_keep.png", "metric_vs_tflop
 
 def run_config(method, keep, logger="wandb", group="pope-keep"):
     return {"model": {"name": "m"}, "dataset": {"name": "d", "loader": "synthetic", "limit": 4},
-            "prune": {"name": method}, "keep": keep, "budget": "average", "schedule": "auto",
-            "layers": {"name": "single", "reference_layer": 0, "prune_layers": [2]}, "seed": 0,
+            "prune": {"name": method}, "keep": keep, "budget": "average", "schedule": "auto", "protocol": "official",
+            "layers": {"reference_layer": 0, "prune_layers": [2]}, "seed": 0,
             "eval": {"max_new_tokens": 8},
             "logger": {"name": logger, "project": "clse-exp", "entity": "lab", "group": group, "mode": "auto"}}
 

@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from clse_exp.api import compose_config
 from clse_exp.config import group_options, validate_run
 from clse_exp.errors import ConfigError
-from clse_exp.pruning.build import pruner_from_config
 
 GROUPS = ("model", "prune", "layers")
 # Given to lmms-eval itself, which passes them on to the model class.
@@ -93,6 +92,5 @@ def resolve_config(model_args: dict[str, Any], batch_size: Any = 1, device: str 
         cfg = compose_config(overrides(model_args) + extra)
     except ConfigCompositionException as err:  # a value of the wrong type, e.g. keep=abc
         raise ConfigError(f"model_args: {str(err).splitlines()[0]}") from err
-    validate_run(cfg)
-    pruner_from_config(cfg.prune, cfg.layers, cfg.keep, cfg.budget, cfg.schedule, cfg.seed)  # method knobs
+    validate_run(cfg)  # method knobs, layers and budget for the model's depth included
     return cfg

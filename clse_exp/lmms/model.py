@@ -25,7 +25,7 @@ from tqdm import tqdm
 from clse_exp.data.sample import Sample
 from clse_exp.data.video import sample_frames
 from clse_exp.efficiency.accounting import sample_costs
-from clse_exp.generation import batched, decode, generate
+from clse_exp.generation import batched, decode, generate, prefill_records
 from clse_exp.lmms.args import parse
 from clse_exp.models import load
 from clse_exp.pruning.build import build_pruner
@@ -98,14 +98,11 @@ class PrunedLMM(lmms):
         inputs = self.loaded.prepare(samples)
         out = generate(self.loaded, inputs, max_new_tokens, self.pruner)
         answers = decode(self.loaded, out.sequences, inputs["input_ids"].shape[1])
-        trace = self.pruner.trace_records() if self.pruner is not None else [{} for _ in samples]
-        kv_policy = self.pruner.kv_policy if self.pruner is not None else "ragged"
         stats = []
-        for i in range(len(samples)):
-            prompt_tokens = int(inputs["attention_mask"][i].sum())
-            stats.append({"prompt_tokens": prompt_tokens, "batch_size": len(samples),
-                          **trace[i], **sample_costs(self.loaded.model.config, prompt_tokens, trace[i], kv_policy,
-                                                     self.loaded.model.dtype)})
+        for record in prefill_records(self.loaded, inputs, self.pruner):
+            stats.append({"prompt_tokens": record.n_prompt, "batch_size": len(samples),
+                          **(record.as_dict() if self.pruner is not None else {}),
+                          **sample_costs(self.loaded.model.config, record, self.loaded.model.dtype)})
         return answers, stats
 
     def _log(self, task: str, records: list[dict]) -> None:

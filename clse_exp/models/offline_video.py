@@ -97,5 +97,6 @@ class FrameClipVideoProcessor:
         self.image_processor = image_processor
 
     def __call__(self, videos: list[list[Image.Image]], return_tensors: str | None = "pt", **_: Any) -> BatchFeature:
-        stacked = [np.stack(self.image_processor(list(frames), return_tensors="np")["pixel_values"]) for frames in videos]
+        stacked = [np.stack(self.image_processor(list(frames), return_tensors="np")["pixel_values"])
+                   for frames in videos]
         return BatchFeature(data={"pixel_values_videos": np.stack(stacked)}, tensor_type=return_tensors)

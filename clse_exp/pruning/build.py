@@ -24,3 +24,8 @@ def pruner_from_config(cfg: Any, facts: ModelFacts | None = None) -> Pruner | No
                     reference_layer=layers.get("reference_layer"),
                     prune_layers=None if prune_layers is None else list(prune_layers), seed=cfg.seed)
     return pruner.bind(facts) if facts is not None else pruner
+
+
+def build_pruner(cfg: Any, loaded: Any) -> Pruner | None:
+    """The run's pruner, bound to a loaded model's family and depth."""
+    return pruner_from_config(cfg, loaded.adapter.facts(loaded.model.config))

@@ -60,6 +60,7 @@ class _Prefill:
     layer_kwargs: tuple[Slots, dict] | None = None
     stages: list[StageRecord] = field(default_factory=list)
     records: list[SampleRecord] = field(default_factory=list)
+    deepstack: tuple[list[torch.Tensor], torch.Tensor] | None = None  # features per layer, [B, S] row or -1
     generated: int = 0
     step_length: int = 0
     decoding: bool = False
@@ -214,8 +215,8 @@ class Pruner:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("pruning needs input_ids (the visual token spans are read from them)")
-        grids = {k: kwargs.get(k) for k in ("image_grid_thw", "video_grid_thw", "position_ids")}
-        layout = adapter.visual_layout(model, input_ids, **grids)
+        # every kwarg: families read their layout from different ones (grids, image sizes, encoder outputs)
+        layout = adapter.visual_layout(model, input_ids, **{k: v for k, v in kwargs.items() if k != "input_ids"})
         plans = [self._plan(sum(seg.length for seg in segments)) if segments else ({}, False) for segments in layout]
         self._state = _Prefill(layout=layout, plans=plans)
         return None
@@ -231,6 +232,11 @@ class Pruner:
             state.length = embeds.shape[1]
             state.mask2d = mask2d
             state.visual_rank = _visual_rank(state.layout, embeds.shape[0], state.length, embeds.device)
+            deepstack, where = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
+            if deepstack is not None and where is not None:  # Qwen3-VL: the engine adds them to the kept tokens
+                rows = (where.flatten().long().cumsum(0) - 1).view(where.shape).masked_fill(~where.bool(), -1)
+                state.deepstack = (list(deepstack), rows.to(embeds.device))
+                kwargs["deepstack_visual_embeds"] = kwargs["visual_pos_masks"] = None
         else:
             state.decoding = True
             state.generated += embeds.shape[1]
@@ -268,6 +274,8 @@ class Pruner:
             hidden = args[0]
             if index == 0:
                 self._start_prefill(state, hidden, kwargs)
+            elif state.deepstack is not None and index - 1 < len(state.deepstack[0]):
+                hidden = _add_deepstack(hidden, state.slots, *state.deepstack, index - 1)
             if index in prune_layers:
                 hidden = self._run_stage(state, index, self.layers.prune_layers.index(index), hidden, layers, norm,
                                          rotary)
@@ -480,6 +488,17 @@ def _interleave(text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     is_visual = torch.isin(merged, visual)
     merged[is_visual] = visual
     return merged
+
+
+def _add_deepstack(hidden: torch.Tensor, slots: Slots, features: list[torch.Tensor], rows: torch.Tensor,
+                   layer: int) -> torch.Tensor:
+    """What Qwen3-VL adds after decoder `layer` (DeepStack: vision-tower features per visual token), added
+    only to the visual tokens the slots still hold, so the features follow the pruned tokens."""
+    row = slots.gather(rows)
+    kept = (row >= 0) & slots.valid
+    hidden = hidden.clone()
+    hidden[kept] = hidden[kept] + features[layer].to(hidden.device, hidden.dtype)[row[kept]]
+    return hidden
 
 
 def _compact_positions(slots: Slots, start: torch.Tensor) -> torch.Tensor:

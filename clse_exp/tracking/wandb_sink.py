@@ -42,7 +42,8 @@ class WandbSink:
                 name=f"{cfg.model.name}-{cfg.dataset.name}-{cfg.prune.name}-keep{cfg.keep}", id=run_id,
                 resume="allow", dir=str(run_dir), mode=resolve_mode(logger.mode),
                 config=OmegaConf.to_container(cfg, resolve=True),
-                tags=[cfg.model.name, cfg.dataset.name, cfg.prune.name, f"keep={cfg.keep}", cfg.layers.name],
+                tags=[cfg.model.name, cfg.dataset.name, cfg.prune.name, f"keep={cfg.keep}", f"budget={cfg.budget}",
+                      f"protocol={cfg.protocol}"],
             )
         except Exception as err:  # noqa: BLE001 - W&B must never end a run
             warnings.warn(f"W&B disabled for this run: {err}", stacklevel=2)
@@ -56,7 +57,7 @@ class WandbSink:
             flat = {f"metrics/{k}": v for k, v in summary["metrics"].items() if isinstance(v, int | float)}
             flat |= {f"efficiency/{k}": v for k, v in summary.get("efficiency", {}).items()}
             flat |= {f"retention/{k}": v for k, v in summary.get("retention", {}).items() if not isinstance(v, list)}
-            columns = ["id", "question", "answer", "prediction", "correct"]
+            columns = ["id", "question", "answer", "prediction", "sample_score"]
             table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in records])
             images = {f"kept_tokens/{name}": wandb.Image(image) for name, image in overlays}
             self.run.log({**flat, "predictions": table, **images})

@@ -90,9 +90,13 @@ class CLSE(PruningMethod):
         return list(SHAPE) if n_stages == 3 else None
 
     def _table_family(self, layers: Layers, facts: ModelFacts) -> str | None:
-        if len(layers.prune_layers) != 3:
+        """The family whose official table applies: only at the official stage layers on the published depth
+        (elsewhere the table's counts mean nothing, and the planner meets the budget exactly)."""
+        if facts.family not in RATIO_FAMILIES + COUNT_FAMILIES:
             return None
-        return facts.family if facts.family in RATIO_FAMILIES + COUNT_FAMILIES else None
+        depth, reference, stages = OFFICIAL_LAYERS[facts.family]
+        official = facts.num_layers == depth and layers == Layers(reference, stages)
+        return facts.family if official else None
 
     def check_budget(self, keep: float, budget: str, layers: Layers, facts: ModelFacts, official: bool) -> None:
         if official and budget == "final" and self._table_family(layers, facts):
