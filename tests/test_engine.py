@@ -358,3 +358,54 @@ def test_budgets_the_layers_cannot_reach_fail_before_any_forward():
         make_pruner("fastv", keep=0.3, prune_layers=[], model="tiny_qwen2vl")
     with pytest.raises(ConfigError, match=r"keep=2"):
         make_pruner("clse", keep=2)
+
+
+class TopCLSAttention(PruningMethod):
+    """Reads the image encoder: keeps the patches the [CLS] token attends to most in CLIP's penultimate
+    layer (head sum), recomputed from that layer's captured input."""
+
+    name = "top_cls"
+
+    def vision_layers(self):
+        return (-2,)
+
+    def capture_layers(self, layers):
+        return set()
+
+    def select(self, ctx, b, k):
+        layer = ctx.vision_layers[-2]
+        scores = []
+        for image in ctx.vision_inputs(b, -2):
+            x = layer.layer_norm1(image[None])
+            attn = layer.self_attn
+            heads = attn.num_heads
+            q = attn.q_proj(x[:, :1]).view(1, 1, heads, -1).transpose(1, 2)
+            k_ = attn.k_proj(x).view(1, x.shape[1], heads, -1).transpose(1, 2)
+            probs = torch.softmax((q @ k_.transpose(-1, -2)) * attn.scale, dim=-1)
+            scores.append(probs[0, :, 0, 1:].sum(0))
+        return torch.cat(scores).topk(k).indices
+
+
+@pytest.mark.parametrize("use_generate", [False, True])
+def test_methods_can_read_the_image_encoder(use_generate):
+    """Oracle: the stock CLIP tower's eager attentions of the penultimate layer, per image of each sample."""
+    loaded = model_with("tiny_llava")
+    batch = samples(2, images_per_sample=(2, 1))
+    inputs = loaded.prepare(batch)
+    pruner = Pruner(TopCLSAttention(), keep=0.25, budget="final", prune_layers=[0], protocol="uniform")
+    if use_generate:
+        greedy(loaded, inputs, pruner, steps=2)
+    else:
+        with torch.no_grad(), pruner.attach(loaded.model):
+            loaded.model(**inputs)
+    tower = loaded.model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    with torch.no_grad():
+        attentions = tower(inputs["pixel_values"], output_attentions=True).attentions[-2]
+    tower.config._attn_implementation = "sdpa"
+    per_image = attentions[:, :, 0, 1:].sum(1)  # [images, patches]
+    images = {0: [0, 1], 1: [2]}
+    for b, owned in images.items():
+        scores = torch.cat([per_image[i] for i in owned])
+        k = pruner.trace[0]["budget"][b]
+        assert pruner.trace[0]["kept"][b] == scores.topk(k).indices.sort().values.tolist()

@@ -91,6 +91,15 @@ class ModelAdapter:
         """The vision encoders (timed separately from the LLM prefill)."""
         return [model.model.vision_tower]
 
+    def vision_encoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The image encoder's transformer layers, whose inputs methods such as VisionZip read."""
+        raise ValueError(f"model family {self.family!r} does not expose its vision encoder layers to pruning "
+                         "methods; families that do: llava")
+
+    def vision_projector(self, model: nn.Module) -> nn.Module:
+        """Vision features -> LLM input embeddings (methods that merge before the projector apply it)."""
+        raise ValueError(f"model family {self.family!r} does not expose its projector to pruning methods")
+
     def vision_flops(self, model: nn.Module, segments: list[VisualSegment]) -> int | None:
         """Analytic vision-encoder FLOPs for one sample's images, where the family has a formula."""
         return None

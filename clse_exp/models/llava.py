@@ -18,6 +18,12 @@ class LlavaAdapter(ModelAdapter):
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         return {"image": model.config.image_token_id}
 
+    def vision_encoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.vision_towers(model)[0].encoder.layers
+
+    def vision_projector(self, model: nn.Module) -> nn.Module:
+        return model.model.multi_modal_projector
+
     def grid_side(self, model: nn.Module) -> int:
         vision = model.config.vision_config
         return vision.image_size // vision.patch_size

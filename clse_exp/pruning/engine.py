@@ -61,6 +61,7 @@ class _Prefill:
     stages: list[StageRecord] = field(default_factory=list)
     records: list[SampleRecord] = field(default_factory=list)
     deepstack: tuple[list[torch.Tensor], torch.Tensor] | None = None  # features per layer, [B, S] row or -1
+    vision: dict[int, list[list[torch.Tensor]]] | None = None  # encoder layer -> per sample, per image input
     generated: int = 0
     step_length: int = 0
     decoding: bool = False
@@ -95,6 +96,8 @@ class Pruner:
         self.kv_policy, self.seed, self.time_stages = kv_policy, seed, time_stages
         self._asked_layers = (reference_layer, None if prune_layers is None else tuple(int(x) for x in prune_layers))
         self.facts: ModelFacts | None = None
+        self._vision_pending: dict[int, list[torch.Tensor]] = {}
+        self._vision_modules: tuple[nn.ModuleList | None, nn.Module | None] = (None, None)
         self._state: _Prefill | None = None
         self._last: _Prefill | None = None
 
@@ -168,7 +171,10 @@ class Pruner:
         layers = adapter.decoder_layers(model)
         implementation = text_model.config._attn_implementation
         rotary = getattr(text_model, "rotary_emb", None)
-        handles = [
+        self._vision_pending: dict[int, list[torch.Tensor]] = {}
+        self._vision_modules = (None, None)
+        handles = self._vision_hooks(adapter, model)
+        handles += [
             adapter.multimodal_model(model).register_forward_pre_hook(
                 lambda _m, args, kwargs: self._on_multimodal(adapter, model, args, kwargs), with_kwargs=True),
             text_model.register_forward_pre_hook(self._on_text_model, with_kwargs=True),
@@ -183,6 +189,39 @@ class Pruner:
             for handle in handles:
                 handle.remove()
             self._state = None
+
+    def _vision_hooks(self, adapter: ModelAdapter, model: nn.Module) -> list:
+        """Capture the inputs of the image-encoder layers the method reads. generate() runs the encoder
+        before the forward call, so captures wait in `_vision_pending` until the next prefill takes them."""
+        wanted = self.method.vision_layers()
+        if not wanted:
+            return []
+        layers = adapter.vision_encoder_layers(model)
+        self._vision_modules = (layers, adapter.vision_projector(model))
+        handles = []
+        for layer in wanted:
+            index = layer % len(layers)
+
+            def capture(_module: nn.Module, args: tuple, kwargs: dict, layer: int = layer) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._vision_pending.setdefault(layer, []).extend(hidden.detach().unbind(0))
+
+            handles.append(layers[index].register_forward_pre_hook(capture, with_kwargs=True))
+        return handles
+
+    def _take_vision(self, state: _Prefill) -> dict[int, list[list[torch.Tensor]]] | None:
+        """This prefill's captured encoder inputs, split per sample by its images (in prompt order)."""
+        if not self._vision_pending:
+            return None
+        per_sample_images = [sum(seg.kind == "image" for seg in segments) for segments in state.layout]
+        out = {}
+        for layer, images in self._vision_pending.items():
+            if len(images) != sum(per_sample_images):
+                raise RuntimeError(f"captured {len(images)} encoder inputs for {sum(per_sample_images)} images")
+            starts = [sum(per_sample_images[:b]) for b in range(len(per_sample_images))]
+            out[layer] = [images[start : start + n] for start, n in zip(starts, per_sample_images, strict=True)]
+        self._vision_pending = {}
+        return out
 
     @property
     def trace(self) -> list[dict]:
@@ -232,6 +271,7 @@ class Pruner:
             state.length = embeds.shape[1]
             state.mask2d = mask2d
             state.visual_rank = _visual_rank(state.layout, embeds.shape[0], state.length, embeds.device)
+            state.vision = self._take_vision(state)
             deepstack, where = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
             if deepstack is not None and where is not None:  # Qwen3-VL: the engine adds them to the kept tokens
                 rows = (where.flatten().long().cumsum(0) - 1).view(where.shape).masked_fill(~where.bool(), -1)
@@ -328,7 +368,8 @@ class Pruner:
             n_visual=state.n_visual, layers=layers, final_norm=norm, captures=state.captures,
             reference_layer=self.layers.reference_layer, seed=self.seed,
             attention_dtype=hidden.dtype if self.protocol == "official" else None, protocol=self.protocol,
-            family=self.facts.family, prompt_start=state.first_real,
+            family=self.facts.family, prompt_start=state.first_real, vision=state.vision,
+            vision_layers=self._vision_modules[0], projector=self._vision_modules[1],
         )
         keep_rows, budgets, kept, merged, replacements = [], [], [], [], []
         for b in range(hidden.shape[0]):

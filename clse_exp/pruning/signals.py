@@ -9,7 +9,6 @@ tower's attention when the model adapter captured it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +49,9 @@ class StageContext:
     captures: dict[int, Capture] = field(default_factory=dict)
     reference_layer: int = 0
     seed: int = 0
-    vision: list[Any] | None = None  # per sample: the adapter's vision-tower signals, when captured
+    vision: dict[int, list[list[torch.Tensor]]] | None = None  # encoder layer -> per sample, per image input
+    vision_layers: nn.ModuleList | None = None  # the image encoder's layers (their norms and projections)
+    projector: nn.Module | None = None  # vision features -> LLM embeddings
     attention_dtype: torch.dtype | None = None  # cast probabilities to it before the head mean (official code)
     protocol: str = "uniform"
     family: str = ""
@@ -87,6 +88,13 @@ class StageContext:
         gen = torch.Generator(device="cpu")
         gen.manual_seed(self.seed * 1_000_003 + self.stage_index * 10_007 + len(self.visual_positions(b)))
         return gen
+
+    def vision_inputs(self, b: int, layer: int) -> list[torch.Tensor]:
+        """Per image of sample b, in prompt order: the input [tokens, C] of image-encoder `layer` (as the
+        method's vision_layers() named it; [CLS] first for CLIP). Only images at the LLM input, no video."""
+        if self.vision is None or layer not in self.vision:
+            raise RuntimeError(f"image-encoder layer {layer}'s input was not captured; list it in vision_layers()")
+        return self.vision[layer][b]
 
     # ------------------------------------------------------------------------------ hidden states
     def hidden_states(self, b: int, positions: torch.Tensor | None = None) -> torch.Tensor:

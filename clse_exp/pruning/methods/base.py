@@ -143,9 +143,10 @@ class PruningMethod:
         """Decoder layers whose INPUT the method reads (default: the one before each cut, for attention)."""
         return {layer - 1 for layer in layers.prune_layers if layer > 0}
 
-    def needs_vision_attention(self) -> bool:
-        """True when the method reads the vision tower's attention (captured by the model adapter)."""
-        return False
+    def vision_layers(self) -> tuple[int, ...]:
+        """Image-encoder layers (negative: from the end) whose INPUT the method reads, e.g. to recompute the
+        [CLS] attention of the penultimate CLIP layer; captured per image while the encoder runs."""
+        return ()
 
     # --------------------------------------------------------------------------------- selection
     def scores(self, ctx: Any, b: int) -> torch.Tensor:
