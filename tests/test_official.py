@@ -16,11 +16,7 @@ from helpers import noise_image
 from clse_exp import load_model, make_pruner
 from clse_exp.data.sample import Sample
 
-LLAVA_576 = {
-    "name": "tiny_llava_576", "family": "llava", "path": None, "dtype": "float32", "attn_implementation": "eager",
-    "tiny": {"num_layers": 32, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "num_kv_heads": 4,
-             "vision_depth": 2, "image_size": 336, "seed": 0},
-}
+LLAVA_576 = "tiny_llava15"  # conf/model/tiny_llava15.yaml: LLaVA-1.5's shape (32 layers, 576 tokens, kv heads = heads)
 QUESTION = "What colour is the shape in the top left cell? Answer with one word."
 
 
