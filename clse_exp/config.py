@@ -15,6 +15,7 @@ from clse_exp.errors import ConfigError, choose_one
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "video_llava", "qwen3_vl", "llava_onevision", "internvl")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 CONF_DIR = Path(__file__).parent / "conf"
 
 
@@ -46,6 +47,7 @@ class ModelConfig:
     max_pixels: int | None = None
     tiny: TinySpec | None = None
     weights: str | None = None  # safetensors for the tiny build (relative to the clse_exp package, or absolute)
+    device_map: str | None = None  # auto | balanced | balanced_low_0 | sequential: split over the GPUs; null: one
 
 
 @dataclass
@@ -144,6 +146,11 @@ def validate_model(model: Any) -> None:
     choose_one("model.family", model.family, FAMILIES)
     choose_one("model.dtype", model.dtype, DTYPES)
     choose_one("model.attn_implementation", model.attn_implementation, ATTN_IMPLEMENTATIONS)
+    if model.get("device_map") is not None:
+        choose_one("model.device_map", model.device_map, DEVICE_MAPS)
+        if model.path is None:
+            raise ConfigError(f"model.device_map={model.device_map!r} splits a checkpoint loaded from model.path; "
+                              f"model '{model.name}' is built in code (set model.device_map=null)")
     if model.path is None and model.tiny is None:
         raise ConfigError(f"model.path is null for model '{model.name}': give a hub id or a local directory")
     if model.path is not None and looks_local(model.path) and not Path(model.path).expanduser().exists():

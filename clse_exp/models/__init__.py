@@ -63,8 +63,10 @@ def _load_pretrained(cfg: Any, device: torch.device, dtype: torch.dtype) -> tupl
 
     processor_kwargs = {k: cfg[k] for k in ("min_pixels", "max_pixels") if cfg.get(k) is not None}
     processor = AutoProcessor.from_pretrained(cfg.path, **processor_kwargs)
+    # device_map (accelerate) splits a model too large for one device over every visible GPU (and CPU/disk)
     model = _model_class(cfg.family).from_pretrained(
-        cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation, device_map=str(device)
+        cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+        device_map=cfg.get("device_map") or str(device),
     )
     return model.eval(), processor
 
@@ -110,6 +112,7 @@ def load(cfg: DictConfig | dict, device: str | torch.device = "auto") -> LoadedM
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(cfg.dtype, device)
     key = (cfg.name, cfg.path, cfg.get("weights"), str(dtype), cfg.attn_implementation, str(device),
+           cfg.get("device_map"),
            str(OmegaConf.to_container(cfg.tiny)) if cfg.tiny is not None else None)
     if key not in _CACHE:
         build = _load_pretrained if cfg.path is not None else _build_tiny

@@ -55,6 +55,11 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the model's device, or with a device map (accelerate) its first compute device."""
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map:
+            first = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
+            return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
         return next(self.model.parameters()).device
 
     @property
