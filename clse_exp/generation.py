@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from clse_exp.data.sample import Sample
 from clse_exp.models import LoadedModel
 from clse_exp.pruning.record import SampleRecord, unpruned_record
 
@@ -17,6 +18,12 @@ def batched(items: list, size: int) -> Iterator[list]:
     """Consecutive chunks of `size` items (the last may be shorter)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def prepare(loaded: LoadedModel, samples: list[Sample], pruner: Any = None) -> dict:
+    """Model inputs for `samples` as the pruner's method feeds them (e.g. downsampled images; unchanged for
+    methods that cut inside the LLM), so its records count against the samples as given."""
+    return loaded.prepare(samples if pruner is None else pruner.prepare_samples(loaded, samples))
 
 
 def generate(loaded: LoadedModel, inputs: dict, max_new_tokens: int, pruner: Any = None, timer: Any = None,

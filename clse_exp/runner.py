@@ -47,7 +47,8 @@ IDENTITY_FILE = "run.json"  # the hashed config of the run a folder holds (resum
 def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens: int, pruner: Any,
                  reference: bool, task: str) -> list[dict]:
     """One record per sample: the pruned answer, and when asked the unpruned one and their first-token KL."""
-    inputs = loaded.prepare(batch)
+    fed = batch if pruner is None else pruner.prepare_samples(loaded, batch)  # e.g. downsampled images
+    inputs = loaded.prepare(fed)
     prompt_length = inputs["input_ids"].shape[1]
     timer = GenerationTimer(loaded.model, loaded.adapter.vision_towers(loaded.model), loaded.device)
     out = generate(loaded, inputs, max_new_tokens, pruner, timer)
@@ -61,10 +62,11 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
     layout = loaded.adapter.visual_layout(loaded.model, inputs["input_ids"], **grids)
     prompt_tokens = inputs["attention_mask"].sum(1).tolist()
     sample_records = prefill_records(loaded, inputs, pruner)
-    ref_out = out
+    ref_out, ref_length = out, prompt_length
     if reference and pruner is not None:
-        ref_out = generate(loaded, inputs, max_new_tokens)
-    ref_predictions = decode(loaded, ref_out.sequences, prompt_length)
+        ref_inputs = inputs if fed is batch else loaded.prepare(batch)  # the unpruned model sees the samples as given
+        ref_out, ref_length = generate(loaded, ref_inputs, max_new_tokens), ref_inputs["input_ids"].shape[1]
+    ref_predictions = decode(loaded, ref_out.sequences, ref_length)
     kl = first_token_kl(ref_out.scores[0], out.scores[0]).tolist()
     records = []
     for i, sample in enumerate(batch):
@@ -78,6 +80,7 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
             "sample_score": sample_score(task, doc, predictions[i]),
             "prompt_tokens": int(prompt_tokens[i]),
             "vision_flops": loaded.adapter.vision_flops(loaded.model, layout[i]),
+            "vision_flops_unpruned": loaded.adapter.vision_flops(loaded.model, unreduced_segments(layout[i], record)),
             "batch_size": len(batch),
             "batch_timings": timings,
             "doc": doc,
@@ -89,6 +92,14 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
                          first_token_kl=kl[i])
         records.append(entry)
     return records
+
+
+def unreduced_segments(segments: list[models.VisualSegment], record: SampleRecord) -> list[models.VisualSegment]:
+    """A sample's visual segments before the method reduced its input (the fed ones where it did not)."""
+    if record.original_grids is None:
+        return segments
+    return [models.VisualSegment(seg.start, *grid, seg.kind) for seg, grid in zip(segments, record.original_grids,
+                                                                                   strict=True)]
 
 
 def summarize(cfg: DictConfig, records: list[dict], task: str, env: dict, timings: dict) -> dict:

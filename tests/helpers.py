@@ -10,6 +10,7 @@ from clse_exp.data.sample import Sample
 from clse_exp.pruning.engine import Pruner
 from clse_exp.pruning.methods.base import PruningMethod, Selection
 
+HOOKS = ("default_layers", "default_shape", "official_counts", "rules", "capture_layers")
 QUESTIONS = (
     "Is there a red circle?",
     "What colour is the shape in the top left cell? Answer with one word.",
@@ -48,30 +49,74 @@ def greedy(loaded, inputs, pruner=None, use_cache=True, steps=6):
     return out.sequences[:, -steps:], torch.stack(out.scores)
 
 
+class Recording(PruningMethod):
+    """Runs `original` and keeps every row a merging selection handed the engine, by (stage, sample, original
+    visual index), so Replay can hand the same merged rows to a recomputation."""
+
+    name = "recording"
+
+    def __init__(self, original: PruningMethod) -> None:
+        super().__init__(original.options)
+        self.original, self.rows = original, {}
+        for hook in (*HOOKS, "vision_layers"):
+            setattr(self, hook, getattr(original, hook))
+
+    def select(self, ctx, b, k):
+        selection = self.original.select(ctx, b, k)
+        if isinstance(selection, Selection) and selection.hidden is not None:
+            originals = ctx.original_index(b)[selection.order.to(ctx.hidden.device)].tolist()
+            self.rows.update({(ctx.stage_index, b, i): row for i, row in zip(originals, selection.hidden, strict=True)})
+        return selection
+
+
 class Replay(PruningMethod):
     """Keeps, at every stage of every call, the tokens `recorded` lists for that stage and sample (the
-    cached run's choice), so a no-cache recomputation of each decode step re-prunes the same tokens."""
+    cached run's choice), so a no-cache recomputation of each decode step re-prunes the same tokens; a
+    token `rows` holds (a merge's result, see Recording) gets that row again."""
 
     name = "replay"
 
-    def __init__(self, original: PruningMethod, recorded: list[list[list[int]]]) -> None:
+    def __init__(self, original: PruningMethod, recorded: list[list[list[int]]], rows: dict | None = None) -> None:
         super().__init__(original.options)
-        self.original, self.recorded = original, recorded
-        for hook in ("default_layers", "default_shape", "official_counts", "rules", "capture_layers"):
+        self.original, self.recorded, self.rows = original, recorded, rows or {}
+        for hook in HOOKS:
             setattr(self, hook, getattr(original, hook))
 
     def select(self, ctx, b, k):
         original = ctx.original_index(b).tolist()
         wanted = self.recorded[ctx.stage_index][b]
-        return Selection(torch.tensor([original.index(i) for i in wanted]))
+        order = torch.tensor([original.index(i) for i in wanted])
+        keys = [(ctx.stage_index, b, i) for i in wanted]
+        if not any(key in self.rows for key in keys):
+            return Selection(order)
+        hidden = ctx.hidden_states(b)[order.to(ctx.hidden.device)].clone()
+        for j, key in enumerate(keys):
+            if key in self.rows:
+                hidden[j] = self.rows[key]
+        return Selection(order, hidden)
 
 
 def cached_vs_recomputed(loaded, inputs, pruner):
-    """(cached decode logits, logits of recomputing every step without a cache, re-pruning the same tokens)."""
-    tokens, cached = greedy(loaded, inputs, pruner)
+    """(cached decode logits, logits of recomputing every step without a cache, re-pruning the same tokens
+    and re-using the same merged rows)."""
+    original = pruner.method
+    recording = pruner.method = Recording(original)
+    try:
+        tokens, cached = greedy(loaded, inputs, pruner)
+    finally:
+        pruner.method = original
     kept = [stage["kept"] for stage in pruner.trace]
-    replay = Pruner(Replay(pruner.method, kept), keep=pruner.keep, budget=pruner.budget, schedule=pruner.schedule,
-                    protocol=pruner.protocol, kv_policy=pruner.kv_policy)
+    replay = Pruner(Replay(original, kept, recording.rows), keep=pruner.keep, budget=pruner.budget,
+                    schedule=pruner.schedule, protocol=pruner.protocol, kv_policy=pruner.kv_policy)
     replay_tokens, recomputed = greedy(loaded, inputs, replay, use_cache=False)
     assert torch.equal(tokens, replay_tokens)
     return cached, recomputed
+
+
+def slow_except(cases: list, fast: list | set) -> list:
+    """Parametrize cases; those not in `fast` run only with `pytest -m slow` (a representative few stay in
+    the default run, which must finish in minutes on 2 cores)."""
+    import pytest
+
+    return [case if case in fast else pytest.param(*(case if isinstance(case, tuple) else (case,)),
+                                                   marks=pytest.mark.slow) for case in cases]

@@ -131,7 +131,7 @@ def test_clse_later_stages_rank_by_attention():
 
 
 def test_unknown_method_and_option_name_the_choices():
-    with pytest.raises(ConfigError, match="choose one of: none, clse"):
+    with pytest.raises(ConfigError, match="choose one of: none, cdpruner, clse"):
         get_method("fastvv")
     with pytest.raises(ConfigError, match="cutoff_ratio"):
         get_method("clse")(cutof_ratio=0.2)

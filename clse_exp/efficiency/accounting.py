@@ -34,6 +34,9 @@ def run_costs(records: list[dict]) -> dict:
     n = len(records)
     vision = [r.get("vision_flops") for r in records]
     extra = {"vision_tflops_per_sample": sum(vision) / n / 1e12} if None not in vision else {}
+    vision_unpruned = [r.get("vision_flops_unpruned") for r in records]
+    if extra and None not in vision_unpruned and sum(vision_unpruned):  # a method that shrinks the encoder's input
+        extra["vision_flops_ratio"] = sum(vision) / sum(vision_unpruned)
     return {
         **extra,
         "prefill_tmacs_per_sample": total["prefill_flops"] / n / 2e12,

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from clse_exp.data.sample import Sample
 from clse_exp.data.video import sample_frames
 from clse_exp.efficiency.accounting import sample_costs
-from clse_exp.generation import batched, decode, generate, prefill_records
+from clse_exp.generation import batched, decode, generate, prefill_records, prepare
 from clse_exp.lmms.args import parse
 from clse_exp.models import load
 from clse_exp.pruning.build import build_pruner
@@ -95,7 +95,7 @@ class PrunedLMM(lmms):
 
     def _answer(self, samples: list[Sample], max_new_tokens: int) -> tuple[list[str], list[dict]]:
         """Greedy answers and per-sample pruning statistics of one batch."""
-        inputs = self.loaded.prepare(samples)
+        inputs = prepare(self.loaded, samples, self.pruner)
         out = generate(self.loaded, inputs, max_new_tokens, self.pruner)
         answers = decode(self.loaded, out.sequences, inputs["input_ids"].shape[1])
         stats = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,9 @@ def load(cfg: DictConfig | dict, device: str | torch.device = "auto") -> LoadedM
     validate_model(cfg)
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(cfg.dtype, device)
-    key = (cfg.name, cfg.path, cfg.get("weights"), str(dtype), cfg.attn_implementation, str(device),
-           cfg.get("device_map"),
-           str(OmegaConf.to_container(cfg.tiny)) if cfg.tiny is not None else None)
+    # every key of the config (processor pixel limits included): a reused model is exactly the one asked for
+    key = (json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str), str(dtype),
+           str(device))
     if key not in _CACHE:
         build = _load_pretrained if cfg.path is not None else _build_tiny
         model, processor = build(cfg, device, dtype)

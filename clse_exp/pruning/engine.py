@@ -21,8 +21,9 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from clse_exp.compat import cache_in, cache_of
+from clse_exp.data.sample import Sample
 from clse_exp.errors import ConfigError, choose_one
-from clse_exp.models import ADAPTERS, ModelAdapter, VisualSegment
+from clse_exp.models import ADAPTERS, LoadedModel, ModelAdapter, VisualSegment
 from clse_exp.pruning.masks import backend_mask, decode_pairs, prefill_pairs
 from clse_exp.pruning.methods.base import (
     KV_POLICIES,
@@ -66,6 +67,7 @@ class _Prefill:
     step_length: int = 0
     decoding: bool = False
     step_cache: dict[Any, Any] = field(default_factory=dict)
+    reduced: list[list[tuple[int, int, int]] | None] | None = None  # per sample: unreduced grids (prepare_samples)
 
     @property
     def n_visual(self) -> list[int]:
@@ -99,6 +101,7 @@ class Pruner:
         self._vision_pending: dict[int, list[torch.Tensor]] = {}
         self._vision_modules: tuple[nn.ModuleList | None, nn.Module | None] = (None, None)
         self._state: _Prefill | None = None
+        self._reduced: list[list[tuple[int, int, int]] | None] | None = None  # see prepare_samples
         self._last: _Prefill | None = None
 
     # ---------------------------------------------------------------------------------- binding
@@ -241,6 +244,19 @@ class Pruner:
         """Wall time spent scoring and cutting in the last prefill."""
         return sum(stage.seconds for stage in self._last.stages) if self._last is not None else 0.0
 
+    def prepare_samples(self, loaded: LoadedModel, samples: list[Sample]) -> list[Sample]:
+        """`samples` as the method feeds them to the processor (e.g. downsampled images; the same list for
+        methods that cut inside the LLM). The prefills that follow, until the next call, are taken to be of
+        these samples: a sample the method reduced is not cut again, and its record counts against the
+        unreduced input."""
+        self.bind(loaded.adapter.facts(loaded.model.config))
+        if self.keep >= 1.0:
+            self._reduced = None
+            return samples
+        fed, unreduced = self.method.prepare_samples(samples, self.keep, self.protocol, loaded)
+        self._reduced = unreduced if any(grids is not None for grids in unreduced) else None
+        return fed
+
     def trace_records(self) -> list[dict]:
         """`records` as JSON-ready dicts (what the runner writes per sample)."""
         return [record.as_dict() for record in self.records]
@@ -257,7 +273,14 @@ class Pruner:
         # every kwarg: families read their layout from different ones (grids, image sizes, encoder outputs)
         layout = adapter.visual_layout(model, input_ids, **{k: v for k, v in kwargs.items() if k != "input_ids"})
         plans = [self._plan(sum(seg.length for seg in segments)) if segments else ({}, False) for segments in layout]
-        self._state = _Prefill(layout=layout, plans=plans)
+        reduced = self._reduced
+        if reduced is not None:
+            if len(reduced) != len(layout) or any(grids is not None and len(grids) != len(segments)
+                                                  for grids, segments in zip(reduced, layout, strict=True)):
+                raise RuntimeError(f"these inputs are not the samples prune={self.method.name} last prepared: build "
+                                   "every batch with pruner.prepare_samples (clse_exp.generation.prepare)")
+            plans = [({}, False) if grids is not None else plan for grids, plan in zip(reduced, plans, strict=True)]
+        self._state = _Prefill(layout=layout, plans=plans, reduced=reduced)
         return None
 
     def _on_text_model(self, _module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -384,7 +407,7 @@ class Pruner:
             keep_rows.append(_interleave(ctx.text_positions(b), visual[order]))
             budgets.append(len(visual) if budget is None else min(budget, len(visual)))
             kept.append(visual_rank[b, visual[order]].tolist())
-            merged.append(0 if rows is None else len(rows))
+            merged.append(0 if rows is None else _changed_rows(rows, hidden[b, visual[order]]))
             replacements.append((visual[order], rows))
         state.stages.append(StageRecord(layer, budgets, kept, merged))
         old = state.slots
@@ -442,13 +465,15 @@ class Pruner:
                 kept_in_cache = [0] * num_layers
             n = state.n_visual[b]
             stages = state.stages
-            records.append(SampleRecord(
+            record = SampleRecord(
                 n_visual=n, n_prompt=int(state.mask2d[b].sum()) if state.mask2d is not None else state.length,
                 grids=[list(seg.grid) for seg in segments], processed=per_layer, cached=kept_in_cache,
                 kept_per_stage=[len(stage.kept[b]) for stage in stages],
                 kept=stages[-1].kept[b] if stages else list(range(n)),
                 budget_unreachable=state.plans[b][1],
-            ))
+            )
+            unreduced = state.reduced[b] if state.reduced is not None else None
+            records.append(record if unreduced is None else record.unreduced(unreduced))
         return records
 
     # ----------------------------------------------------------------------------------- decode
@@ -529,6 +554,12 @@ def _interleave(text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     is_visual = torch.isin(merged, visual)
     merged[is_visual] = visual
     return merged
+
+
+def _changed_rows(rows: torch.Tensor, own: torch.Tensor) -> int:
+    """How many replacement rows really differ from the tokens' own states (a merge, not a copy)."""
+    own = own.to(rows.dtype)
+    return int(((rows - own).abs().amax(-1) > 1e-6 * (1 + own.abs().amax(-1))).sum())
 
 
 def _add_deepstack(hidden: torch.Tensor, slots: Slots, features: list[torch.Tensor], rows: torch.Tensor,

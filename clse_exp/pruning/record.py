@@ -6,7 +6,7 @@ it, so no policy strings travel between the engine, the runner and the benchmark
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -32,6 +32,9 @@ class SampleRecord:
     kept_per_stage: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # ORIGINAL visual indices after the last cut
     budget_unreachable: bool = False  # the image is too small for the asked budget: fewest tokens kept
+    # the grids of the unreduced input when the method reduced it before the model (downsampled images):
+    # n_visual and n_prompt then count that input, while grids and kept describe the tokens really fed
+    original_grids: list[list[int]] | None = None
 
     @property
     def visual_per_layer(self) -> list[int]:
@@ -52,8 +55,15 @@ class SampleRecord:
             "n_visual": self.n_visual, "n_prompt": self.n_prompt, "grids": self.grids,
             "kept_per_stage": self.kept_per_stage, "kept": self.kept, "visual_per_layer": self.visual_per_layer,
             "tokens_processed": self.processed, "tokens_cached": self.cached, "retention": self.retention,
-            "budget_unreachable": self.budget_unreachable,
+            "budget_unreachable": self.budget_unreachable, "original_grids": self.original_grids,
         }
+
+    def unreduced(self, original_grids: list[list[int]]) -> SampleRecord:
+        """This record counted against the unreduced input (its text tokens are the same): retention and the
+        unpruned FLOPs and KV bytes become those of the input the unpruned model would have processed."""
+        n = sum(t * h * w for t, h, w in original_grids)
+        return replace(self, n_visual=n, n_prompt=self.n_prompt + n - self.n_visual,
+                       original_grids=[list(grid) for grid in original_grids])
 
 
 def unpruned_record(n_prompt: int, n_visual: int, grids: list[list[int]], num_layers: int) -> SampleRecord:

@@ -10,14 +10,22 @@ from hydra.core.config_store import ConfigStore
 
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.base import MethodOptions, PruningMethod
+from clse_exp.pruning.methods.cdpruner import CDPruner
 from clse_exp.pruning.methods.clse import CLSE
 from clse_exp.pruning.methods.dart import DART
 from clse_exp.pruning.methods.divprune import DivPrune
+from clse_exp.pruning.methods.downsample import Downsample
 from clse_exp.pruning.methods.fastv import FastV
 from clse_exp.pruning.methods.pdrop import PDrop
+from clse_exp.pruning.methods.prumerge_plus import PruMergePlus
 from clse_exp.pruning.methods.random import RandomPrune
+from clse_exp.pruning.methods.sparsevlm import SparseVLM
+from clse_exp.pruning.methods.visionzip import VisionZip
 
-METHODS: dict[str, type[PruningMethod]] = {m.name: m for m in (CLSE, FastV, PDrop, DART, DivPrune, RandomPrune)}
+METHODS: dict[str, type[PruningMethod]] = {
+    m.name: m for m in (CLSE, FastV, PDrop, DART, DivPrune, RandomPrune, SparseVLM, VisionZip, PruMergePlus,
+                        Downsample, CDPruner)
+}
 NO_PRUNING = "none"
 
 

@@ -148,6 +148,14 @@ class PruningMethod:
         [CLS] attention of the penultimate CLIP layer; captured per image while the encoder runs."""
         return ()
 
+    def prepare_samples(self, samples: list[Any], keep: float, protocol: str, loaded: Any
+                        ) -> tuple[list[Any], list[list[tuple[int, int, int]] | None]]:
+        """The samples as the method feeds them to the processor (e.g. images downsampled to the budget), and
+        per sample the visual grids (T, H, W, as the LLM sees them) of the UNREDUCED sample where the method
+        reduced it, else None. A reduced sample is not cut again at the stages; its record counts retention and
+        the unpruned costs against the unreduced grids. Default: unchanged."""
+        return samples, [None] * len(samples)
+
     # --------------------------------------------------------------------------------- selection
     def scores(self, ctx: Any, b: int) -> torch.Tensor:
         """[n_b] importance of sample b's current visual tokens; higher is kept."""

@@ -1,0 +1,269 @@
+"""CDPruner (Zhang et al., 2025): a conditional DPP over the visual tokens at the LLM input.
+
+Official code (Theia-4869/CDPruner@9541616, llava/model/llava_arch.py:140-187 and
+llava/model/multimodal_encoder/clip_encoder.py:38-98), LLaVA-1.5 and LLaVA-NeXT only:
+- relevance: CLIP's `visual_projection(post_layernorm(.))` of the penultimate-layer PATCH tokens against
+  CLIP's text embedding of the raw instruction (tokenised without truncation, zero-padded to a multiple of
+  77 tokens, each 77-token segment encoded on its own); cosine, NEGATED, averaged over segments, then min-max
+  over the whole tensor with 1e-6 added to the numerator only (theta/exp is commented out: r is linear);
+- kernel: L = diag(r) S diag(r), S the cosine similarity of the projector outputs (normalised in the model
+  dtype, then float32);
+- selection: greedy fast MAP inference, exactly T steps, no stopping rule (argmax: first maximal index),
+  the picks sorted into a mask; the survivors are fed as a shorter sequence, so positions are contiguous.
+The instruction is the benchmark question without the answer-format line (llava/eval/model_vqa_loader.py:110,
+model_vqa_science.py:81); the method reads `Sample.question` of the batch `prepare_samples` saw last (the
+runner's `pruner.prepare_samples`, clse_exp.generation.prepare). T = round(keep * N): the cut is at layer 0,
+so `budget=average` and `final` give the same count. The official loader runs batch 1 (its whole-tensor
+min-max is per image); here relevance, min-max and the DPP are per sample, over all of its images' tokens.
+`uniform` keeps original positions and exactly k distinct tokens: it stops the greedy once no token adds a
+positive gain (where the official loop takes square roots of non-positive numbers, and its mask collapses
+the repeated picks that follow) and fills the rest by relevance.
+
+The CLIP text tower and `visual_projection` are not part of a LLaVA checkpoint: `prune.clip` names the
+CLIP checkpoint they come from (loaded once per process with from_pretrained), `tiny` a seeded stand-in for
+the tiny offline models, `auto` the one that fits the model's vision tower (see `resolve_clip`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clse_exp.data.prompts import LETTER_ANSWER, SHORT_ANSWER
+from clse_exp.data.sample import Sample
+from clse_exp.errors import ConfigError
+from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules
+from clse_exp.pruning.methods.divprune import pre_llm_rules
+from clse_exp.pruning.signals import StageContext
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel, CLIPTokenizer, CLIPVisionConfig
+
+log = logging.getLogger("clse_exp")
+
+LLAVA15_CLIP = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's vision tower (ViT-L/14, 336 px, width 1024)
+SUPPORTED_FAMILIES = ("llava",)
+SMALLEST_CLIP_WIDTH = 768  # ViT-B: no released CLIP vision tower is narrower
+ANSWER_FORMATS = (SHORT_ANSWER, LETTER_ANSWER)  # removed from the question, as the official loaders do
+TINY_SEED = 0
+TINY_PROJECTION = 16
+
+
+@dataclass(frozen=True)
+class ClipParts:
+    """What CDPruner takes from a CLIP checkpoint: its tokenizer and text tower with projection, and the
+    vision side's post_layernorm and visual_projection. `vision_layer0` (None for the stand-in) is the
+    checkpoint's first encoder layer, compared with the model's own to catch a wrong checkpoint."""
+
+    tokenizer: object
+    text_model: nn.Module
+    text_projection: nn.Module
+    post_layernorm: nn.Module
+    visual_projection: nn.Module
+    segment: int
+    vision_layer0: nn.Module | None
+
+
+def tiny_clip(vision_config: CLIPVisionConfig) -> tuple[CLIPModel, CLIPTokenizer]:
+    """A seeded CLIP around `vision_config` (the tiny model's own): a 2-layer text tower over a byte-level CLIP
+    tokenizer (no merges; start and end tokens are the two highest ids, as in CLIP's vocabulary) and the
+    legacy `eos_token_id=2` of OpenAI's configs, so the pooled token is the end token, as there."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                projection_dim=TINY_PROJECTION)
+    vision = vision_config.to_dict() | {"projection_dim": TINY_PROJECTION}
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=TINY_PROJECTION)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = CLIPModel(config)
+    return model.eval(), tokenizer
+
+
+@lru_cache(maxsize=4)
+def _load_clip(source: str, vision_json: str, device: str) -> ClipParts:
+    """CLIP parts in float32 on `device` (the official towers run in float32: from_pretrained's default under
+    its device_map='auto', builder.py:26,147-156)."""
+    from transformers import AutoTokenizer, CLIPModel, CLIPVisionConfig  # only runs that use CDPruner pay for it
+
+    if source == "tiny":
+        model, tokenizer = tiny_clip(CLIPVisionConfig.from_dict(json.loads(vision_json)))
+        log.info("CDPruner CLIP: tiny, a seeded random CLIP text tower and projections (tiny offline models only)")
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = CLIPModel.from_pretrained(source, dtype=torch.float32).eval()
+        except (OSError, ValueError) as err:
+            first = " ".join(str(err).split())[:200]
+            raise ConfigError(f"prune.clip={source!r} is not a loadable CLIP checkpoint ({first}); give a hub id "
+                              "in the local cache or a directory with a CLIPModel and its tokenizer") from err
+        log.info("CDPruner CLIP: %s (text tower, post_layernorm, visual_projection)", source)
+    vision = model.vision_model  # only its post_layernorm and first layer are kept (not moved, not held)
+    return ClipParts(tokenizer, model.text_model.to(device), model.text_projection.to(device),
+                     vision.post_layernorm.to(device), model.visual_projection.to(device),
+                     model.config.text_config.max_position_embeddings,
+                     None if source == "tiny" else vision.encoder.layers[0].to(device))
+
+
+def resolve_clip(asked: str, vision_layers: nn.ModuleList, grid_side: int) -> str:
+    """`auto`: LLaVA-1.5's CLIP for a ViT-L/14-336 tower (width 1024, 24 x 24 patches); the seeded stand-in
+    for a tower narrower than any released CLIP (the tiny offline builds); otherwise the user must name it."""
+    if asked != "auto":
+        return asked
+    width = vision_layers[0].layer_norm1.normalized_shape[0]
+    if width == 1024 and grid_side == 24:
+        return LLAVA15_CLIP
+    if width < SMALLEST_CLIP_WIDTH:
+        return "tiny"
+    raise ConfigError(f"prune.clip=auto knows LLaVA-1.5's CLIP only ({LLAVA15_CLIP}); this vision tower has width "
+                      f"{width} and a {grid_side}x{grid_side} grid: give prune.clip=<hub id or directory of its CLIP>")
+
+
+def instruction(text: str) -> str:
+    """The question the official loaders hand to CLIP: the prompt without its answer-format line."""
+    for line in ANSWER_FORMATS:
+        text = text.replace(line, "")
+    return text
+
+
+def text_embeds(clip: ClipParts, text: str, device: torch.device) -> torch.Tensor:
+    """[M, P] one CLIP text embedding per 77-token segment of the untruncated, zero-padded token ids."""
+    encoded = clip.tokenizer(text=text, return_tensors="pt")
+    length = encoded["input_ids"].shape[1]
+    pad = clip.segment * ((length - 1) // clip.segment + 1) - length
+    ids, mask = (torch.cat([encoded[key], encoded[key].new_zeros(1, pad)], 1).reshape(-1, clip.segment).to(device)
+                 for key in ("input_ids", "attention_mask"))
+    return clip.text_projection(clip.text_model(input_ids=ids, attention_mask=mask).pooler_output)
+
+
+def relevance(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """[N] the official relevance: negated cosine averaged over text segments, min-max with 1e-6 on top."""
+    image = image / image.norm(dim=-1, keepdim=True)
+    text = text / text.norm(dim=-1, keepdim=True)
+    score = (-(image @ text.T)).mean(dim=-1)
+    return (score - score.min() + 1e-6) / (score.max() - score.min())
+
+
+def fast_map(kernel: torch.Tensor, k: int, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy MAP of a DPP with kernel [N, N] (Chen et al. 2018's incremental Cholesky), k steps, in pick order.
+
+    Without `fill` the official loop: no stopping rule (a non-positive gain yields NaN rows and possibly
+    repeated picks). With `fill` ([N] priorities) the loop stops once no remaining token has a positive
+    gain and takes the rest by descending priority, so the k picks are distinct.
+    """
+    n = kernel.shape[0]
+    rows = kernel.new_zeros(k, n)
+    gain = kernel.diagonal().clone()
+    picks: list[int] = []
+    for i in range(k):
+        j = int(torch.argmax(gain))
+        if fill is not None and not gain[j] > 0:
+            rest = torch.ones(n, dtype=torch.bool, device=kernel.device)
+            rest[picks] = False
+            order = torch.sort(fill.masked_fill(~rest, float("-inf")), descending=True, stable=True).indices
+            return torch.cat([torch.tensor(picks, dtype=torch.long, device=kernel.device), order[: k - i]])
+        row = (kernel[j] - torch.einsum("t,tn->n", rows[:i, j], rows[:i])) / torch.sqrt(gain[j])
+        rows[i] = row
+        gain -= row.square()
+        gain[j] = float("-inf")
+        picks.append(j)
+    return torch.tensor(picks, dtype=torch.long, device=kernel.device)
+
+
+class CDPruner(PruningMethod):
+    """Runs at the LLM input (layer 0): similarity of the projector outputs, relevance from CLIP."""
+
+    name = "cdpruner"
+
+    @dataclasses.dataclass
+    class Options(MethodOptions):
+        name: str = "cdpruner"
+        clip: str = "auto"  # CLIP checkpoint of the text tower and visual_projection: hub id, directory, tiny, auto
+
+    def __init__(self, options: MethodOptions | None = None, **knobs: Any) -> None:
+        super().__init__(options, **knobs)
+        self._questions: list[str] | None = None
+        self._checked: set[tuple[str, int]] = set()  # (CLIP source, vision tower) pairs found to match
+
+    def validate(self) -> None:
+        if not isinstance(self.options.clip, str) or not self.options.clip.strip():
+            raise ConfigError(f"prune.clip={self.options.clip!r}: give a CLIP hub id or directory, `tiny` or `auto`")
+
+    def default_layers(self, facts: ModelFacts) -> Layers:
+        if facts.family not in SUPPORTED_FAMILIES:
+            raise ConfigError(f"prune=cdpruner supports model families: {', '.join(SUPPORTED_FAMILIES)} "
+                              f"(LLaVA-1.5; the official code has no other); got {facts.family}")
+        return Layers(0, (0,))
+
+    def rules(self, protocol: str, facts: ModelFacts) -> Rules:
+        return pre_llm_rules(protocol, facts)
+
+    def capture_layers(self, layers: Layers) -> set[int]:
+        return set()
+
+    def prepare_samples(self, samples: list[Sample], keep: float, protocol: str, loaded: Any
+                        ) -> tuple[list[Sample], list[None]]:
+        """Unchanged samples; their questions are the instructions of the prefills that follow."""
+        self._questions = [sample.question for sample in samples]
+        return samples, [None] * len(samples)
+
+    def question(self, ctx: StageContext, b: int) -> str:
+        """Sample b's question, from the batch `prepare_samples` saw last (the same number of samples)."""
+        questions = self._questions
+        if questions is None or len(questions) != ctx.hidden.shape[0]:
+            raise RuntimeError("prune=cdpruner reads each sample's question: build the batch's inputs with "
+                               "clse_exp.generation.prepare(loaded, samples, pruner), as the runner does")
+        return questions[b]
+
+    def vision_layers(self) -> tuple[int, ...]:
+        return (-1,)  # the last encoder layer's input is hidden_states[-2], the layer LLaVA-1.5 feeds
+
+    def clip_parts(self, ctx: StageContext, b: int) -> ClipParts:
+        """The CLIP parts for this model (loaded once per process and device)."""
+        side = ctx.grids(b)[0][1]
+        source = resolve_clip(self.options.clip, ctx.vision_layers, side)
+        vision_json = ctx.vision_layers[0].self_attn.config.to_json_string() if source == "tiny" else ""
+        parts = _load_clip(source, vision_json, str(ctx.hidden.device))
+        if parts.vision_layer0 is not None and (source, id(ctx.vision_layers)) not in self._checked:
+            _check_same_tower(source, parts.vision_layer0, ctx.vision_layers[0])
+            self._checked.add((source, id(ctx.vision_layers)))
+        return parts
+
+    def select(self, ctx: StageContext, b: int, k: int) -> torch.Tensor:
+        clip = self.clip_parts(ctx, b)
+        features = ctx.hidden_states(b)
+        with torch.no_grad():
+            patches = torch.cat([image[1:] for image in ctx.vision_inputs(b, -1)]).float()
+            image = clip.visual_projection(clip.post_layernorm(patches))
+            text = text_embeds(clip, instruction(self.question(ctx, b)), features.device)
+            r = relevance(image, text)
+            if ctx.protocol == "official":
+                unit = (features / features.norm(dim=-1, keepdim=True)).float()
+            else:
+                unit = F.normalize(features.float(), dim=-1)
+            kernel = r[:, None] * (unit @ unit.T) * r[None, :]
+            if ctx.protocol == "official":  # the official mask: repeated picks collapse
+                return torch.unique(fast_map(kernel, k))
+            return fast_map(kernel, k, fill=r)
+
+
+def _check_same_tower(source: str, clip_layer: nn.Module, model_layer: nn.Module) -> None:
+    """The CLIP checkpoint must be the one the model's vision tower came from (LLaVA-1.5 froze it)."""
+    ours, theirs = clip_layer.self_attn.k_proj.weight, model_layer.self_attn.k_proj.weight
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs.float().to(ours.device), rtol=1e-2, atol=1e-3):
+        raise ConfigError(f"prune.clip={source!r} is not the CLIP checkpoint this model's vision tower came from "
+                          "(their first encoder layers differ): give the matching one")

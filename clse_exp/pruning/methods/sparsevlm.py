@@ -1,0 +1,208 @@
+"""SparseVLM v1.5 (Zhang et al., ICML 2025): text raters chosen from the prompt rank the visual tokens by their
+attention in three decoder layers; the best-scored pruned tokens are recycled into DPC-kNN cluster means.
+
+Official code (Gumpest/SparseVLMs, branch v1.5 @734d900, llava/model/language_model/), the rules reproduced
+under `protocol=official`:
+- Raters, once per prefill from the LLM input embeddings (modelling_sparse_llama.py:193-204): V = the visual
+  tokens, T = every token after the image; m = softmax over T of V Tᵀ, averaged over V; raters are the T
+  tokens with m above its mean. Here T is every text token after the first visual token (several images
+  form one visual span); if no token beats the mean, all of T rate.
+- Stages (modelling_sparse_llama.py:69, 223, 250-323): layers 2, 6 and 15 of 32 run on every current token
+  and their OUTPUT is cut, i.e. cuts before layers 3, 7 and 16 scored with the attention of the layer
+  before the cut, recomputed from its input at the current positions. Other depths scale the cut layers.
+- Score (score.py:17-32, modelling_sparse_llama.py:564-578): causal softmax over all keys, mean over heads,
+  rater rows, visual columns, mean over raters. Keep topk(min(n_l, v - 1)) (score.py:33-36), v = current
+  visual count, merged tokens included.
+- Counts (score.py:5-15): `keep * 576` is the official budget (its "equivalent tokens": the visual count
+  after each layer's cut, averaged over the layers, merged tokens included); budgets 192/128/64 on a
+  576-token image use the tables [300, 200, 110] / [303, 110, 36] / [66, 30, 17]. Other budgets and image
+  sizes take the tables as fractions of 576, linear in `keep` between the three budgets and the keep-all
+  point (1, 1, 1), proportional below 64; counts round(n * fraction).
+- Recycling (modelling_sparse_llama.py:281-313, utils.py:247-311): of the m pruned tokens, the
+  int(0.3 m) + 1 best-scored (in descending score order) are clustered by DPC-kNN into int(m2 / 10) + 1
+  clusters (distance L2 / sqrt(C) on the stage layer's OUTPUT, k = cluster count, density noise 1e-6;
+  centres = top density x distance-to-denser; nearest centre; mean with 1e-6 in the denominator). The
+  cluster means follow the kept tokens, in centre order; each occupies its centre token's slot (the trace
+  lists the centre). The density noise draws from `ctx.generator` (official: the global RNG, fp16; here
+  float32), so a sample draws the same in any batch.
+- Positions (modelling_sparse_llama.py:308, 317, 553-554): renumbered contiguously after every cut; at
+  decode each layer continues from its own cache length; every layer caches what it ran on (ragged).
+  M-RoPE families keep their original (3-D) positions; a cluster mean takes its centre's.
+`protocol=uniform`: the same raters, scores and recycling, but each stage's count (kept + merged) is the
+planner's exact count, positions stay original (a merged token at its centre's), and scores are averaged in
+float32. `recycle=false` drops recycling (plain top-k, as v2.0 does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from clse_exp.errors import ConfigError
+from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules, Selection
+from clse_exp.pruning.signals import StageContext
+
+OFFICIAL_DEPTH = 32
+OFFICIAL_CUTS = (3, 7, 16)  # the official stages cut the outputs of layers 2, 6 and 15
+TABLE_TOKENS = 576
+TABLES = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
+RECYCLED_FRACTION = 0.3
+TOKENS_PER_CLUSTER = 10
+DENSITY_NOISE = 1e-6
+MERGE_EPS = 1e-6
+
+
+def recycled_count(pruned: int) -> int:
+    """Pruned tokens kept for merging: the official int(0.3 m) + 1 (float product, truncated)."""
+    return int(pruned * RECYCLED_FRACTION) + 1
+
+
+def cluster_count(recycled: int) -> int:
+    """Clusters the recycled tokens form: the official int(m2 / 10) + 1."""
+    return int(recycled / TOKENS_PER_CLUSTER) + 1
+
+
+def table_fractions(keep: float) -> tuple[float, float, float]:
+    """Per-stage counts as fractions of the visual count: the official tables at budgets 192/128/64 of 576,
+    linear in `keep` between them and (1, 1, 1) at keep = 1, proportional to the 64 row below it."""
+    anchors = [(budget / TABLE_TOKENS, tuple(c / TABLE_TOKENS for c in row)) for budget, row in sorted(TABLES.items())]
+    anchors.append((1.0, (1.0, 1.0, 1.0)))
+    low_keep, low_row = anchors[0]
+    if keep <= low_keep:
+        return tuple(f * keep / low_keep for f in low_row)
+    for (a, row_a), (b, row_b) in zip(anchors, anchors[1:], strict=False):
+        if keep <= b:
+            t = (keep - a) / (b - a)
+            return tuple(x + t * (y - x) for x, y in zip(row_a, row_b, strict=True))
+    return anchors[-1][1]
+
+
+def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN clustering of x [m, C] into `clusters` means (float32): (means [clusters, C] in centre order,
+    centres [clusters] as indices into x). Density exp(-mean squared distance to the k = `clusters` nearest,
+    self included) plus `noise`; a centre maximises density x distance to the nearest denser token."""
+    x = x.float()
+    distance = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / x.shape[1] ** 0.5
+    nearest = distance.topk(clusters, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(-1)).exp() + noise.to(x.device)
+    denser = density[None, :] > density[:, None]  # [i, j]: token j is denser than token i
+    to_denser = torch.where(denser, distance, distance.max()).min(-1).values
+    centres = (to_denser * density).topk(clusters).indices
+    assign = distance[centres].argmin(0)
+    assign[centres] = torch.arange(clusters, device=x.device)
+    members = F.one_hot(assign, clusters).T.to(x.dtype)  # [clusters, m]
+    weight = 1.0 / (members.sum(1) + MERGE_EPS)
+    return members @ (x * weight[assign, None]), centres
+
+
+def rater_positions(ctx: StageContext, b: int) -> torch.Tensor:
+    """Current slot positions of sample b's text raters, chosen from the LLM input embeddings (layer 0's
+    captured input) of ALL its original visual tokens, so every stage uses the same raters."""
+    first = ctx.captures[0]
+    text = ctx.text_positions(b)
+    text_index = ctx.slots.idx[b, text]
+    visual = first.slots.valid[b] & ~torch.isin(first.slots.idx[b], text_index)  # text is never cut
+    if int(visual.sum()) != ctx.n_visual[b]:
+        raise RuntimeError("sparsevlm reads the visual tokens at layer 0's input, before any cut")
+    after = text[text_index > first.slots.idx[b][visual].min()]
+    if len(after) == 0:
+        return text
+    relevance = (first.hidden[b, visual] @ ctx.hidden_at(0, b, after).T).softmax(-1).mean(0)
+    raters = after[relevance > relevance.mean()]
+    return raters if len(raters) else after
+
+
+def split_exact(total: int, visual: int) -> tuple[int, int]:
+    """(kept, clusters) whose sum is exactly `total` under the recycling rule (most kept first); when even
+    keeping none would form more clusters than `total`, keep none and form `total` clusters."""
+    for kept in range(total - 1, -1, -1):
+        clusters = cluster_count(recycled_count(visual - kept))
+        if kept + clusters <= total:  # kept + clusters grows by 0 or 1 per kept token, so this is equality
+            return kept, total - kept
+    return 0, total
+
+
+class SparseVLM(PruningMethod):
+    name = "sparsevlm"
+    has_official_counts = True
+
+    @dataclasses.dataclass
+    class Options(MethodOptions):
+        name: str = "sparsevlm"
+        recycle: bool = True  # merge the best-scored pruned tokens into cluster means (v1.5); false: top-k only
+
+    # ------------------------------------------------------------------------------ knowledge
+    def default_layers(self, facts: ModelFacts) -> Layers:
+        """Cuts before layers 3, 7, 16 of 32; other depths at the same fractions (at least layer 1)."""
+        depth = facts.num_layers
+        cuts = sorted({min(depth - 1, max(1, round(c * depth / OFFICIAL_DEPTH))) for c in OFFICIAL_CUTS})
+        return Layers(0, tuple(cuts))
+
+    def default_shape(self, n_stages: int) -> list[float] | None:
+        return [c / TABLES[192][0] for c in TABLES[192]] if n_stages == 3 else None
+
+    def _tables_apply(self, layers: Layers, facts: ModelFacts) -> bool:
+        return len(layers.prune_layers) == 3 and layers.prune_layers == self.default_layers(facts).prune_layers
+
+    def check_budget(self, keep: float, budget: str, layers: Layers, facts: ModelFacts, official: bool) -> None:
+        if layers.prune_layers[0] < 1:
+            raise ConfigError(f"prune=sparsevlm scores with the attention of the layer before each cut; "
+                              f"layers.prune_layers={list(layers.prune_layers)} must start at 1 or later")
+        if official and budget == "final" and self._tables_apply(layers, facts):
+            raise ConfigError("prune=sparsevlm under protocol=official (or schedule=paper) reads keep as the "
+                              "official equivalent-token budget (keep * 576 = 192/128/64); budget=final needs "
+                              "protocol=uniform")
+
+    def official_counts(self, n_visual: int, keep: float, budget: str, layers: Layers,
+                        facts: ModelFacts) -> list[int] | None:
+        """Per stage, the official top-k count min(n_l, v - 1) (recycling adds its clusters on top)."""
+        if not self._tables_apply(layers, facts):
+            return None
+        table = TABLES.get(round(keep * TABLE_TOKENS))
+        if n_visual == TABLE_TOKENS and table is not None:
+            targets = list(table)
+        else:
+            targets = [max(1, round(n_visual * f)) for f in table_fractions(keep)]
+        counts, current = [], n_visual
+        for target in targets:
+            kept = max(1, min(target, current - 1))
+            counts.append(kept)
+            if self.options.recycle and kept < current:
+                current = kept + cluster_count(recycled_count(current - kept))
+            else:
+                current = kept
+        return counts
+
+    def rules(self, protocol: str, facts: ModelFacts) -> Rules:
+        if protocol == "official" and not facts.mrope:
+            return Rules(prefill="compact", decode="cache_length")
+        return Rules()
+
+    def capture_layers(self, layers: Layers) -> set[int]:
+        return super().capture_layers(layers) | {0}
+
+    # ------------------------------------------------------------------------------ selection
+    def scores(self, ctx: StageContext, b: int) -> torch.Tensor:
+        """[n_b] mean attention of the raters over the current visual tokens in the layer before the cut."""
+        return ctx.attention_rows(b, rater_positions(ctx, b), ctx.layer - 1).mean(0)
+
+    def select(self, ctx: StageContext, b: int, k: int) -> torch.Tensor | Selection:
+        """official: k is the top-k count and the clusters come on top; uniform: k is kept + clusters."""
+        scores = self.scores(ctx, b)
+        if not self.options.recycle:
+            return scores.topk(k).indices
+        n = len(scores)
+        kept_count, clusters = (k, None) if ctx.protocol == "official" else split_exact(k, n)
+        kept = scores.topk(kept_count).indices.sort().values
+        pruned = torch.ones(n, dtype=torch.bool, device=scores.device)
+        pruned[kept] = False
+        pruned = pruned.nonzero().flatten()
+        recycled = pruned[scores[pruned].topk(recycled_count(len(pruned))).indices]
+        clusters = cluster_count(len(recycled)) if clusters is None else clusters
+        noise = torch.rand(len(recycled), generator=ctx.generator(b)) * DENSITY_NOISE
+        features = ctx.hidden_states(b)
+        means, centres = dpc_knn_merge(features[recycled], clusters, noise)
+        order = torch.cat([kept, recycled[centres]])
+        return Selection(order, torch.cat([features[kept], means.to(features.dtype)]))

@@ -1,0 +1,166 @@
+"""PruMerge+: the official code's tokens, merges and logits (tests/oracle_prumerge.py) on a tiny LLaVA-1.5-shaped
+model (576 patches, 32 layers), the budgeted count rule, the uniform protocol, and the engine's contracts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import oracle_prumerge as oracle
+import pytest
+import torch
+from helpers import cached_vs_recomputed, greedy, noise_image, samples
+from official_oracles import stock_inputs
+from test_official import LLAVA_576, QUESTION
+
+from clse_exp import load_model, make_pruner
+from clse_exp.data.sample import Sample
+from clse_exp.errors import ConfigError
+from clse_exp.pruning.methods.prumerge_plus import budgeted_tokens
+
+
+@pytest.fixture(scope="module")
+def llava():
+    loaded = load_model(LLAVA_576, "cpu")
+    loaded.model.set_attn_implementation("eager")
+    inputs = loaded.prepare([Sample("s", QUESTION, "", [noise_image(7, 336)])])
+    return loaded, inputs, stock_inputs(loaded, inputs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny_llava", "cpu")
+
+
+def run(loaded, inputs, pruner) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(kept original indices in sequence order, the first decoder layer's input, last logits) of sample 0."""
+    seen = {}
+    layer0 = loaded.adapter.decoder_layers(loaded.model)[0]
+    with torch.no_grad(), pruner.attach(loaded.model):
+        handle = layer0.register_forward_pre_hook(lambda _m, args, _kw: seen.update(h=args[0]), with_kwargs=True)
+        try:
+            logits = loaded.model(**inputs).logits[0, -1]
+        finally:
+            handle.remove()
+    return pruner.trace[0]["kept"][0], seen["h"], logits
+
+
+def stride(outliers: int, n: int) -> int:
+    return int(int(1 / (outliers / n)) / 3)
+
+
+def budgeted_layout(scores: torch.Tensor, k: int) -> tuple[int, int]:
+    """The budgeted rule by brute force: (outliers, grid stride) whose official layout holds k - 1 patches."""
+    n = len(scores)
+    ranked = scores.argsort(descending=True).tolist()
+
+    def size(m: int, s: int) -> int:
+        top = set(ranked[:m])
+        return m + len([g for g in range(0, n - 1, s) if g not in top])
+
+    official = {m: size(m, stride(m, n)) for m in range(1, n + 1) if stride(m, n) >= 1}
+    exact = [m for m, total in official.items() if total == k - 1]
+    if exact:
+        return exact[0], stride(exact[0], n)
+    m = max(m for m, total in official.items() if total < k - 1)
+    s = stride(m, n)
+    while size(m, s) != k - 1:
+        m += 1
+    return m, s
+
+
+def check(kept: list[int], embeds: torch.Tensor, logits: torch.Tensor, expected: oracle.Merged) -> None:
+    extra_slot, patches = kept[-1], kept[:-1]  # the extra token comes last, in the slot of a pruned patch
+    assert patches == expected.kept
+    assert extra_slot not in patches
+    torch.testing.assert_close(embeds, expected.embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_adaptive_count_matches_the_official_code(llava):
+    loaded, inputs, x = llava
+    kept, embeds, logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=0.5, adaptive=True))
+    expected = oracle.prumerge_plus(loaded, inputs, x)
+    assert len(kept) == len(expected.kept) + 1 < 0.5 * 576
+    check(kept, embeds, logits, expected)
+
+
+@pytest.mark.parametrize("budget", [127, pytest.param(64, marks=pytest.mark.slow)])
+def test_budgeted_count_matches_the_official_code_at_its_outliers_and_stride(llava, budget):
+    loaded, inputs, x = llava
+    kept, embeds, logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=budget / 576, budget="final"))
+    assert len(kept) == budget
+    outliers, grid = budgeted_layout(oracle.last_layer(loaded, inputs["pixel_values"])[0][0], budget)
+    check(kept, embeds, logits, oracle.prumerge_plus(loaded, inputs, x, outliers=outliers, stride=grid))
+
+
+@pytest.mark.slow
+def test_budget_at_the_adaptive_count_keeps_the_adaptive_tokens(llava):
+    loaded, inputs, _ = llava
+    adaptive, _, adaptive_logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=0.5, adaptive=True))
+    budgeted, _, logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=len(adaptive) / 576, budget="final"))
+    assert budgeted == adaptive
+    torch.testing.assert_close(logits, adaptive_logits)
+
+
+def test_budget_rule_meets_every_count():
+    for n in (64, 576):
+        ranked = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        for kept in range(0, n - 1, 1 if n == 64 else 7):
+            tokens = budgeted_tokens(ranked, n, kept).tolist()
+            assert len(tokens) == kept == len(set(tokens))
+
+
+def test_uniform_protocol_keeps_the_same_tokens_at_their_own_positions(llava):
+    loaded, inputs, _ = llava
+    official, _, official_logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=0.22, budget="final"))
+    uniform, _, uniform_logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=0.22, budget="final",
+                                                                 protocol="uniform"))
+    assert len(uniform) == 127 and uniform == sorted(official)
+    assert not torch.allclose(official_logits, uniform_logits, atol=1e-3)
+
+
+def test_keep_all_is_the_stock_model(tiny):
+    inputs = tiny.prepare(samples(3))
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        stock = tiny.model(**inputs).logits
+        with make_pruner("prumerge_plus", keep=1.0).attach(tiny.model):
+            kept_all = tiny.model(**inputs).logits
+    torch.testing.assert_close(kept_all[valid], stock[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_batch_matches_batch_of_one(tiny):
+    batch = samples(3, images_per_sample=(1, 2, 1))
+    pruner = make_pruner("prumerge_plus", keep=0.22)
+    tokens, scores = greedy(tiny, tiny.prepare(batch), pruner, steps=2)
+    together = pruner.trace[0]["kept"]
+    assert [len(kept) for kept in together] == [14, 28, 14]
+    assert sum(i < 64 for i in together[1]) == 14  # each image merged on its own
+    for i, sample in enumerate(batch):
+        alone_tokens, alone_scores = greedy(tiny, tiny.prepare([sample]), pruner, steps=2)
+        assert pruner.trace[0]["kept"][0] == together[i]
+        assert torch.equal(tokens[i], alone_tokens[0])
+        torch.testing.assert_close(scores[:, i], alone_scores[:, 0], atol=2e-4, rtol=1e-4)
+
+
+def test_cached_decode_matches_recomputation(tiny):
+    pruner = make_pruner("prumerge_plus", keep=0.3)
+    cached, recomputed = cached_vs_recomputed(tiny, tiny.prepare(samples(2, images_per_sample=(2, 1))), pruner)
+    torch.testing.assert_close(cached, recomputed, atol=2e-4, rtol=1e-4)
+
+
+def test_bad_settings_fail_before_loading():
+    with pytest.raises(ConfigError, match=r"qwen2_vl.*supported: llava"):
+        make_pruner("prumerge_plus", keep=0.2, model="tiny_qwen2vl")
+    with pytest.raises(ConfigError, match="protocol=official"):
+        make_pruner("prumerge_plus", keep=0.2, adaptive=True, protocol="uniform", model="tiny_llava")
+
+
+@pytest.mark.slow
+def test_the_cli_runs_it_end_to_end(tmp_path):
+    command = [sys.executable, "-m", "clse_exp", "model=tiny_llava", "prune=prumerge_plus", "keep=0.22",
+               "dataset.limit=3", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "summary.json").exists()
