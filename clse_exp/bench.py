@@ -1,16 +1,22 @@
-"""`python -m clse_exp.bench`: measured prefill/decode speed next to the FLOPs each method should save.
+"""`python -m clse_exp.bench`: measured prefill/decode speed next to the FLOPs each method should save, and
+next to the ideal: the same per-layer token counts run by the stock layers with no engine at all.
 
 One process, one model: the unpruned baseline and every method x keep run on the same inputs, repeated,
-medians reported. Writes bench.json (rows), bench.md (table) and bench.png (time ratio vs FLOPs ratio)
-into the run folder.
+medians reported; one table per attention backend x batch size. Each repeat times the engine's prefill and,
+right after it, the ideal prefill on the tokens that run kept, so `engine_overhead` is a ratio within pairs
+(robust to a machine whose load drifts). Writes bench.json (tables), bench.md and bench.png (time ratio vs
+FLOPs ratio) into the run folder. Presets: `+bench_preset=<name>` (conf/bench_preset/).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import statistics
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,129 +30,352 @@ from clse_exp.api import make_pruner
 from clse_exp.config import FAMILIES, validate_device
 from clse_exp.data.sample import Sample
 from clse_exp.efficiency.accounting import sample_costs
-from clse_exp.efficiency.timing import GenerationTimer
+from clse_exp.efficiency.ideal import IdealUnavailable, Segments, ideal_text_model, segments_from_trace
+from clse_exp.efficiency.kv_cache import analytic_kv_bytes
+from clse_exp.efficiency.memory import peak_memory_bytes, reset_peak
+from clse_exp.efficiency.timing import GenerationTimer, time_calls
 from clse_exp.errors import ConfigError, choose_one
-from clse_exp.generation import generate, prefill_records
+from clse_exp.generation import generate, prefill_records, prepare
+from clse_exp.pruning.engine import Pruner
 from clse_exp.pruning.methods import METHODS
 from clse_exp.pruning.methods.base import PROTOCOLS
 from clse_exp.pruning.schedule import check_budget
 
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+OVERHEAD = ("engine_overhead", "scoring", "masks_gathers", "hooks", "unexplained")  # the last four sum to the first
+PREFILL_COLUMNS = ("method", "keep", "retention_average", "prefill_s", "ideal_s", "prefill_time_ratio",
+                   "ideal_time_ratio", "flops_ratio", *OVERHEAD)
+DECODE_COLUMNS = ("method", "keep", "decode_tokens_per_s", "decode_time_ratio", "kv_mib_per_sample", "kv_ratio",
+                  "max_batch", "peak_mib")
 
-def build_model(cfg: DictConfig, device: str) -> models.LoadedModel:
-    side = int(math.isqrt(cfg.visual_tokens)) * 28
-    spec = {k: cfg.model[k] for k in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "seed")}
+
+# --------------------------------------------------------------------------------------------- model and inputs
+DOWNSAMPLE_FLOOR = 56 * 56  # the processors' smallest area: Qwen2-VL's default min_pixels, so downsample can shrink
+
+
+def image_side(cfg: DictConfig) -> int:
+    """Pixels per side of one bench image: sqrt(visual_tokens) merged 28-pixel cells (Qwen-VL geometry)."""
+    return int(math.isqrt(cfg.visual_tokens)) * 28
+
+
+def model_spec(model: DictConfig, side: int) -> dict:
+    """The random model's tiny-builder spec after `model.scale` (hidden and intermediate widths shrink; depth and
+    head counts stay, so every method's stage layers are the real ones)."""
+    scale, heads = float(model.scale), int(model.num_heads)
+    head_dim = round(model.hidden_size * scale / heads)
+    if head_dim < 8 or head_dim % 2:
+        raise ConfigError(f"model.scale={model.scale} gives head_dim {head_dim} (hidden {model.hidden_size} x scale / "
+                          f"{heads} heads): it must be even and at least 8; raise model.scale")
+    return {
+        "hidden_size": head_dim * heads, "intermediate_size": max(8, round(model.intermediate_size * scale)),
+        "num_layers": int(model.num_layers), "num_heads": heads, "num_kv_heads": int(model.num_kv_heads),
+        "rope_theta": float(model.rope_theta), "seed": int(model.seed), "vision_depth": 1, "image_size": side,
+        "min_pixels": DOWNSAMPLE_FLOOR, "max_pixels": side * side,
+    }
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> models.LoadedModel:
+    """A real checkpoint (`model.path`), or a seeded random one built ON `device` (a 7B-sized model is drawn on
+    the GPU, not in host memory), then cast to `model.dtype`; `model.vocab_size` (x `model.scale`) widens the
+    vocabulary beyond the offline tokenizer's."""
     model_cfg = {
         "name": f"bench_{cfg.model.family}", "family": cfg.model.family, "path": cfg.model.path,
-        "dtype": cfg.model.dtype, "attn_implementation": cfg.model.attn_implementation,
-        "min_pixels": side * side, "max_pixels": side * side,
-        "tiny": None if cfg.model.path else {**spec, "num_layers": cfg.model.num_layers, "vision_depth": 1,
-                                             "image_size": side},
+        "dtype": cfg.model.dtype, "attn_implementation": cfg.attn_implementations[0],
+        "min_pixels": DOWNSAMPLE_FLOOR, "max_pixels": image_side(cfg) ** 2, "tiny": None,
     }
-    return models.load(model_cfg, device)
+    if cfg.model.path:
+        return models.load(model_cfg, device)
+    from clse_exp.models.tiny import TINY_BUILDERS
+
+    spec = model_spec(cfg.model, image_side(cfg))
+    with torch.device(device):
+        model, processor = TINY_BUILDERS[cfg.model.family](spec, cfg.model.family)
+        if cfg.model.vocab_size:
+            vocab = max(round(cfg.model.vocab_size * float(cfg.model.scale)), len(processor.tokenizer))
+            model.resize_token_embeddings(vocab, mean_resizing=False)
+    model = model.to(dtype=models.resolve_dtype(cfg.model.dtype, device)).eval()
+    model.set_attn_implementation(cfg.attn_implementations[0])
+    return models.LoadedModel(model_cfg["name"], model, processor, models.ADAPTERS[cfg.model.family](),
+                              {**model_cfg, "tiny": spec})
 
 
-def bench_inputs(loaded: models.LoadedModel, cfg: DictConfig) -> dict:
-    side = int(math.isqrt(cfg.visual_tokens)) * 28
-    generator = torch.Generator().manual_seed(0)
-    pixels = (torch.rand(side, side, 3, generator=generator) * 255).to(torch.uint8).numpy()
+def bench_samples(cfg: DictConfig, batch: int) -> list[Sample]:
+    """`batch` copies of one prompt with `images` seeded noise images of `visual_tokens` tokens each."""
     from PIL import Image
 
-    sample = Sample("bench", "Describe the image in detail. " * 4, "", [Image.fromarray(pixels)])
-    return loaded.prepare([sample] * cfg.batch_size)
+    side = image_side(cfg)
+    generator = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(side, side, 3, generator=generator) * 255).to(torch.uint8).numpy())
+              for _ in range(cfg.images)]
+    return [Sample("bench", "Describe the images in detail. " * 4, "", images)] * batch
 
 
-def measure(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig, pruner: Any = None) -> dict:
-    """Medians over repeats of prefill time, decode time per token and scoring time."""
-    rows = []
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+# ------------------------------------------------------------------------------------------------- measuring
+def _layout(loaded: models.LoadedModel, inputs: dict) -> list:
+    grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw") if k in inputs}
+    return loaded.adapter.visual_layout(loaded.model, inputs["input_ids"], **grids)
+
+
+def _ideal_prefill(loaded: models.LoadedModel, inputs: dict, segments: Segments) -> float:
+    """Prefill seconds of the stock model with its text tower run as the ideal segments (same top-level span
+    as the engine's prefill: vision, embeddings, positions, layers, norm, last-position logits)."""
+    timer = GenerationTimer(loaded.model, loaded.adapter.vision_towers(loaded.model), loaded.device)
+    with ideal_text_model(loaded.adapter.text_model(loaded.model), segments, loaded.adapter.mrope):
+        generate(loaded, inputs, 1, None, timer, min_new_tokens=1, stop=False)
+    return timer.prefill_s
+
+
+ENGINE_HOOKS = ("_on_multimodal", "_on_text_model", "_after_text_model")  # the Pruner's hook bodies
+
+
+@contextmanager
+def engine_clock(pruner: Pruner | None) -> Iterator[dict[str, list[tuple[float, float]]]]:
+    """Host time in the pruner's hook bodies ("hooks": the multimodal, text-model and every decoder-layer hook)
+    and, within them, in its per-layer kwargs ("masks": rotary, position ids and mask for the current slots;
+    Pruner._prefill_kwargs). Host time is wall time on a CPU; on a GPU it is the launch side only."""
+    logs: dict[str, list[tuple[float, float]]] = {"hooks": [], "masks": []}
+    with ExitStack() as stack:
+        if pruner is not None:
+            for name in ENGINE_HOOKS:
+                stack.enter_context(time_calls(pruner, name, logs["hooks"]))
+            stack.enter_context(time_calls(pruner, "_layer_hook", logs["hooks"], of_result=True))
+            stack.enter_context(time_calls(pruner, "_prefill_kwargs", logs["masks"]))
+        yield logs
+
+
+def measure(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig, pruner: Pruner | None = None) -> dict:
+    """Medians over repeats of prefill, ideal prefill and decode time, and the engine overhead split, each a
+    median of within-repeat ratios to the ideal prefill: `scoring` (the stages: select, shrink, the cut's
+    gather), `masks_gathers` (per-layer rotary/position/mask kwargs), `hooks` (the rest of the hook bodies:
+    layout, slot bookkeeping, records) and `unexplained` (total minus those: hook dispatch, cache effects,
+    noise), so the four sum to `engine_overhead`."""
+    device, length, layout = loaded.device, inputs["input_ids"].shape[1], _layout(loaded, inputs)
+    repeats: list[dict] = []
+    ideal_note, segments = None, None
     for i in range(cfg.warmup + cfg.repeats):
-        timer = GenerationTimer(loaded.model, loaded.adapter.vision_towers(loaded.model), loaded.device)
-        generate(loaded, inputs, cfg.decode_tokens + 1, pruner, timer, min_new_tokens=cfg.decode_tokens + 1,
-                 stop=False)
+        # odd repeats time the ideal first (the kept tokens are the previous repeat's), so a drifting machine
+        # load does not favour one side of the pair
+        ideal_first = segments is not None and i % 2 == 1
+        ideal_s = _ideal_prefill(loaded, inputs, segments) if ideal_first else None
+        timer = GenerationTimer(loaded.model, loaded.adapter.vision_towers(loaded.model), device)
+        reset_peak(device)
+        with engine_clock(pruner) as logs:
+            generate(loaded, inputs, cfg.decode_tokens + 1, pruner, timer, min_new_tokens=cfg.decode_tokens + 1,
+                     stop=False)
+        in_prefill = {name: sum(s for start, s in log if start < timer.prefill_end_host) for name, log in logs.items()}
+        row = {"prefill_s": timer.prefill_s, "decode_s": timer.decode_s_per_token, **in_prefill,
+               "scoring_s": pruner.stage_seconds if pruner is not None else 0.0,
+               "peak": peak_memory_bytes(device) if device.type == "cuda" else None}
+        if cfg.ideal and ideal_note is None:
+            try:
+                segments = (segments_from_trace(pruner.trace, layout, length, pruner.records, device)
+                            if pruner is not None else Segments())
+                row["ideal_s"] = ideal_s if ideal_first else _ideal_prefill(loaded, inputs, segments)
+            except IdealUnavailable as err:
+                ideal_note, segments = str(err), None
         if i >= cfg.warmup:
-            rows.append({"prefill_s": timer.prefill_s, "decode_s": timer.decode_s_per_token,
-                         "scoring_s": pruner.stage_seconds if pruner is not None else 0.0})
-    result = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+            repeats.append(row)
+    result = {k: statistics.median(r[k] for r in repeats) for k in ("prefill_s", "decode_s")}
+    peaks = [r["peak"] for r in repeats if r["peak"] is not None]
+    result["peak"] = max(peaks) if peaks else None
+    if cfg.ideal and ideal_note is None:
+        def share(key: str) -> float:
+            return statistics.median(r[key] / r["ideal_s"] for r in repeats)
+
+        result["ideal_s"] = statistics.median(r["ideal_s"] for r in repeats)
+        total, scoring, masks, hooks = share("prefill_s") - 1, share("scoring_s"), share("masks"), share("hooks")
+        result.update(engine_overhead=total, scoring=scoring, masks_gathers=masks, hooks=hooks - scoring - masks,
+                      unexplained=total - hooks)
+    elif ideal_note is not None:
+        result["ideal_skipped"] = ideal_note
     record = prefill_records(loaded, inputs, pruner)[0]
     result.update(sample_costs(loaded.model.config, record, loaded.model.dtype))
     result["retention"] = record.retention
+    # KV held per sample at the end of a `decode_tokens` answer: each layer's prompt slots plus the answer
+    result["kv_end_bytes"] = analytic_kv_bytes(loaded.model.config, [c + cfg.decode_tokens for c in record.cached],
+                                               loaded.model.dtype)
     return result
 
 
-def rows_for(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig) -> list[dict]:
-    base = measure(loaded, inputs, cfg)
-    rows = [{"method": "none", "keep": 1.0, **_ratios(base, base)}]
+def _probe(method: str, keep: float, cfg: DictConfig, loaded: models.LoadedModel) -> Pruner | str:
+    """A bound pruner, or why this method cannot run here (a budget its layers cannot reach at this depth, or a
+    signal this family does not expose)."""
     facts = loaded.adapter.facts(loaded.model.config)
+    try:  # each method at its own layers for this depth
+        pruner = make_pruner(method, keep=keep, budget=cfg.budget, protocol=cfg.protocol).bind(facts)
+    except ConfigError as err:
+        return str(err)
+    try:
+        with pruner.attach(loaded.model):
+            pass
+    except ValueError as err:  # the family lacks what the method reads (e.g. the vision encoder's layers)
+        return str(err)
+    pruner.time_stages = True
+    return pruner
+
+
+def rows_for(loaded: models.LoadedModel, samples: list[Sample], cfg: DictConfig) -> list[dict]:
+    """The unpruned row, then every method x keep on the same samples (as each method feeds them)."""
+    inputs = loaded.prepare(samples)
+    base = measure(loaded, inputs, cfg)
+    weights = weight_bytes(loaded.model)
+    rows = [{"method": "none", "keep": 1.0, **_ratios(base, base, cfg, len(samples), weights)}]
     for method in cfg.methods:
         for keep in cfg.keeps:
-            try:  # each method at its own layers for this depth
-                pruner = make_pruner(method, keep=keep, budget=cfg.budget, protocol=cfg.protocol).bind(facts)
-            except ConfigError as err:
-                rows.append({"method": method, "keep": keep, "skipped": str(err)})
+            pruner = _probe(method, keep, cfg, loaded)
+            if isinstance(pruner, str):
+                rows.append({"method": method, "keep": keep, "skipped": pruner})
                 continue
-            pruner.time_stages = True
-            rows.append({"method": method, "keep": keep, **_ratios(measure(loaded, inputs, cfg, pruner), base)})
+            result = measure(loaded, prepare(loaded, samples, pruner), cfg, pruner)
+            rows.append({"method": method, "keep": keep, **_ratios(result, base, cfg, len(samples), weights)})
     return rows
 
 
-def _ratios(result: dict, base: dict) -> dict:
-    return {
+def _ratios(result: dict, base: dict, cfg: DictConfig, batch: int, weights: int) -> dict:
+    row = {
         "prefill_s": result["prefill_s"],
         "prefill_time_ratio": result["prefill_s"] / base["prefill_s"],
         "flops_ratio": result["prefill_flops"] / result["prefill_flops_unpruned"],
         "kv_ratio": result["kv_bytes"] / result["kv_bytes_unpruned"],
+        "kv_mib_per_sample": result["kv_bytes"] / 2**20,
         "decode_time_ratio": result["decode_s"] / base["decode_s"] if base["decode_s"] else float("nan"),
-        "overhead_frac": result["scoring_s"] / base["prefill_s"],
+        "decode_tokens_per_s": batch / result["decode_s"] if result["decode_s"] else float("nan"),
         "retention_average": result["retention"]["average"],
         "retention_final": result["retention"]["final"],
+        "peak_mib": result["peak"] / 2**20 if result["peak"] else None,
     }
+    if "ideal_s" in result:
+        row.update({k: result[k] for k in ("ideal_s", *OVERHEAD)})
+        row["ideal_time_ratio"] = result["ideal_s"] / base["prefill_s"]
+    if "ideal_skipped" in result:
+        row["ideal_skipped"] = result["ideal_skipped"]
+    if cfg.memory_budget_gb:
+        free = cfg.memory_budget_gb * 2**30 - weights
+        row["max_batch"] = max(0, int(free // result["kv_end_bytes"]))
+    return row
 
 
-def markdown(rows: list[dict], header: str) -> str:
-    columns = ("method", "keep", "retention_average", "prefill_s", "prefill_time_ratio", "flops_ratio",
-               "kv_ratio", "decode_time_ratio", "overhead_frac")
-    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        if "skipped" in row:
-            lines.append(f"| {row['method']} | {row['keep']} | skipped: {row['skipped']} |")
-            continue
-        cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
+# ---------------------------------------------------------------------------------------------------- output
+LEGEND = """\
+ideal_s: the stock layers on the same per-layer token counts, no hooks, no scoring, no mask but the causal one.
+engine_overhead = prefill_s / ideal_s - 1 (median of within-repeat ratios) = scoring (the stages: select,
+shrink, the cut's gather) + masks_gathers (per-layer rotary, positions, mask) + hooks (the rest of the hook
+bodies) + unexplained (hook dispatch, cache effects, noise; on the `none` row: the stock text model's own
+mask and rotary work that the plain loop skips). All four are fractions of ideal_s.
+max_batch: floor((memory_budget_gb - weights) / KV bytes per sample after a decode_tokens answer), analytic.
+"""
+
+
+def markdown(tables: list[dict]) -> str:
+    lines = [LEGEND]
+    for table in tables:
+        for title, columns in (("prefill", PREFILL_COLUMNS), ("decode and KV", DECODE_COLUMNS)):
+            lines += [f"{table['header']} | {title}", "", "| " + " | ".join(columns) + " |",
+                      "|" + "---|" * len(columns)]
+            for row in table["rows"]:
+                if "skipped" in row:
+                    lines.append(f"| {row['method']} | {row['keep']} | skipped: {row['skipped']} |")
+                    continue
+                lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+            lines.append("")
+        notes = {row["ideal_skipped"] for row in table["rows"] if "ideal_skipped" in row}
+        lines += [f"no ideal time: {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def plot(tables: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows if "skipped" not in r and r["method"] != "none"):
-        points = [r for r in rows if r["method"] == method and "skipped" not in r]
-        ax.plot([p["flops_ratio"] for p in points], [p["prefill_time_ratio"] for p in points], "o-", label=method)
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="time = FLOPs")
-    ax.set_xlabel("prefill FLOPs ratio (pruned / unpruned)")
-    ax.set_ylabel("prefill time ratio (pruned / unpruned)")
-    ax.set_xlim(0, 1.05)
-    ax.set_ylim(0, None)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4.5), squeeze=False)
+    for ax, table in zip(axes[0], tables, strict=True):
+        measured = [r for r in table["rows"] if "skipped" not in r and r["method"] != "none"]
+        for method in dict.fromkeys(r["method"] for r in measured):
+            points = [p for p in measured if p["method"] == method]
+            line = ax.plot([p["flops_ratio"] for p in points], [p["prefill_time_ratio"] for p in points], "o-",
+                           label=method)[0]
+            ideal = [p for p in points if "ideal_time_ratio" in p]
+            ax.plot([p["flops_ratio"] for p in ideal], [p["ideal_time_ratio"] for p in ideal], "x",
+                    color=line.get_color())
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="time = FLOPs")
+        ax.set_title(f"batch {table['batch_size']}, {table['attn_implementation']} (x: ideal)", fontsize=9)
+        ax.set_xlabel("prefill FLOPs ratio (pruned / unpruned)")
+        ax.set_ylabel("prefill time ratio (pruned / unpruned)")
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(0, None)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------------------ main
+def flash_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
 def validate(cfg: DictConfig) -> None:
     """Everything checkable before a model is built: one line naming the bad value."""
-    for key, low in (("repeats", 1), ("warmup", 0), ("batch_size", 1), ("decode_tokens", 1), ("visual_tokens", 4)):
+    for key, low in (("repeats", 1), ("warmup", 0), ("decode_tokens", 1), ("visual_tokens", 4), ("images", 1)):
         if cfg[key] < low:
             raise ConfigError(f"{key}={cfg[key]} must be >= {low}")
+    for key in ("batch_sizes", "attn_implementations", "methods", "keeps"):
+        if not OmegaConf.is_list(cfg[key]):
+            raise ConfigError(f"{key}={cfg[key]} must be a list, e.g. {key}=[{cfg[key]}]")
+    if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+        raise ConfigError(f"batch_sizes={list(cfg.batch_sizes)}: give at least one batch size, each >= 1")
+    if not cfg.model.scale > 0:
+        raise ConfigError(f"model.scale={cfg.model.scale} must be > 0")
+    if cfg.memory_budget_gb is not None and not cfg.memory_budget_gb > 0:
+        raise ConfigError(f"memory_budget_gb={cfg.memory_budget_gb} must be > 0 (GiB), or null")
     choose_one("model.family", cfg.model.family, FAMILIES)
+    if not cfg.model.path:
+        model_spec(cfg.model, image_side(cfg))
     for method in cfg.methods:
         choose_one("methods entry", method, sorted(METHODS))
     for keep in cfg.keeps:
         check_budget(keep, cfg.budget, "auto", None)
     choose_one("protocol", cfg.protocol, PROTOCOLS)
-    validate_device(cfg.device, cfg.model.attn_implementation)
+    for implementation in cfg.attn_implementations:
+        choose_one("attn_implementations entry", implementation, ATTENTION)
+        if implementation != "flash_attention_2":  # flash runs where it can and is noted as skipped elsewhere
+            validate_device(cfg.device, implementation)
+    if not any(i != "flash_attention_2" or flash_available() for i in cfg.attn_implementations):
+        validate_device(cfg.device, "flash_attention_2")  # nothing else would run: say why
+
+
+def run_tables(cfg: DictConfig, loaded: models.LoadedModel) -> tuple[list[dict], list[str]]:
+    """One table per attention backend x batch size (each measured in this one process)."""
+    tables, notes = [], []
+    text = loaded.model.config.get_text_config()
+    for implementation in cfg.attn_implementations:
+        if implementation == "flash_attention_2" and not flash_available():
+            notes.append("flash_attention_2: not measured (flash-attn is not installed or there is no CUDA device)")
+            continue
+        loaded.model.set_attn_implementation(implementation)
+        for batch in cfg.batch_sizes:
+            samples = bench_samples(cfg, batch)
+            visual = cfg.visual_tokens * cfg.images
+            n_text = int(loaded.prepare(samples[:1])["attention_mask"][0].sum()) - visual
+            header = (f"{cfg.model.path or 'random ' + cfg.model.family} | hidden {text.hidden_size}, "
+                      f"{text.num_hidden_layers} layers, {text.num_attention_heads}/{text.num_key_value_heads} heads | "
+                      f"{visual} visual + {n_text} text tokens | batch {batch} "
+                      f"| {loaded.model.dtype} | {implementation} | {loaded.device} | median of {cfg.repeats}")
+            tables.append({"header": header, "batch_size": batch, "attn_implementation": implementation,
+                           "weight_bytes": weight_bytes(loaded.model), "rows": rows_for(loaded, samples, cfg)})
+    return tables, notes
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
@@ -158,19 +387,15 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     out = Path(HydraConfig.get().runtime.output_dir)
     device = models.resolve_device(cfg.device)
-    loaded = build_model(cfg, str(device))
-    inputs = bench_inputs(loaded, cfg)
-    rows = rows_for(loaded, inputs, cfg)
-    text = loaded.model.config.get_text_config()
-    header = (f"{cfg.model.path or 'random ' + cfg.model.family} | hidden {text.hidden_size}, {text.num_hidden_layers} "
-              f"layers | {cfg.visual_tokens} visual + {int(inputs['attention_mask'][0].sum()) - cfg.visual_tokens} "
-              f"text tokens | batch {cfg.batch_size} | {loaded.model.dtype} | {cfg.model.attn_implementation} | "
-              f"{device} | median of {cfg.repeats}")
-    (out / "bench.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg), "header": header,
-                                                "rows": rows}, indent=2))
-    (out / "bench.md").write_text(markdown(rows, header))
-    plot(rows, out / "bench.png")
-    print(markdown(rows, header))
+    loaded = build_model(cfg, device)
+    tables, notes = run_tables(cfg, loaded)
+    text = markdown(tables) + "".join(f"{note}\n" for note in notes)
+    (out / "bench.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg), "tables": tables,
+                                                "notes": notes}, indent=2))
+    (out / "bench.md").write_text(text)
+    if tables:
+        plot(tables, out / "bench.png")
+    print(text)
     print(f"written to {out}")
 
 
