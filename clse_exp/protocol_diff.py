@@ -10,20 +10,30 @@ from __future__ import annotations
 import argparse
 
 import torch
+from omegaconf import OmegaConf
 
 from clse_exp import load_model, make_pruner
+from clse_exp.config import CONF_DIR, group_options
 from clse_exp.data.synthetic import synthetic_dataset
-from clse_exp.errors import ConfigError
+from clse_exp.errors import ConfigError, choose_one
+from clse_exp.generation import prepare
 
 
-def compare(model: str, method: str, keep: float, budget: str, samples: int = 4) -> dict:
-    """Kept counts and overlaps per stage, max logit difference and retention, official vs uniform."""
-    loaded = load_model(model, "cpu")
+def compare(model: str, method: str, keep: float, budget: str, samples: int = 4, width: int | None = None) -> dict:
+    """Kept counts and overlaps per stage, max logit difference and retention, official vs uniform. `width`
+    widens a tiny model (hidden `width`, intermediate 2 x `width`): CDPruner's DPP kernel has rank <= hidden,
+    so a 64-wide model runs out of rank long before 192 picks, which a real LLaVA (4096 wide) never does."""
+    cfg = OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")
+    if width is not None:
+        if not cfg.get("tiny"):
+            raise ConfigError(f"--width applies to tiny models; {model} is a real checkpoint")
+        cfg.tiny.hidden_size, cfg.tiny.intermediate_size = width, 2 * width
+    loaded = load_model(cfg, "cpu")
     batch = synthetic_dataset(samples, image_size=loaded.cfg.get("tiny", {}).get("image_size") or 224)
-    inputs = loaded.prepare(batch)
     runs = {}
     for protocol in ("official", "uniform"):
         pruner = make_pruner(method, keep=keep, budget=budget, protocol=protocol)
+        inputs = prepare(loaded, batch, pruner)  # as the method feeds them (its question, resized images)
         with torch.no_grad(), pruner.attach(loaded.model):
             logits = loaded.model(**inputs).logits[:, -1]
         runs[protocol] = (pruner.trace, logits, [r.retention["average"] for r in pruner.records])
@@ -47,12 +57,15 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.25)
     parser.add_argument("--budget", default="final")
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--width", type=int, default=None, help="hidden size of the tiny model (default: its own)")
     args = parser.parse_args()
     try:
-        result = compare(args.model, args.method, args.keep, args.budget, args.samples)
+        choose_one("--model", args.model, group_options("model"))
+        result = compare(args.model, args.method, args.keep, args.budget, args.samples, args.width)
     except ConfigError as err:
         raise SystemExit(f"clse_exp.protocol_diff: error: {err}") from None
-    print(f"{args.method} on {args.model}, keep={args.keep} ({args.budget}), {args.samples} samples")
+    width = f" (hidden {args.width})" if args.width else ""
+    print(f"{args.method} on {args.model}{width}, keep={args.keep} ({args.budget}), {args.samples} samples")
     print(f"  kept per stage: official {result['counts']['official']}, uniform {result['counts']['uniform']}")
     print(f"  kept-set overlap per stage: {[round(o, 3) for o in result['overlap_per_stage']]}")
     print(f"  max |logit difference| at the last position: {result['max_logit_difference']:.3g}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def test_local_submitit_sweep_runs_every_point(tmp_path):
     args = [sys.executable, "-m", "clse_exp", "-m", "hydra/launcher=local", "prune=none,random", "keep=0.3",
@@ -15,6 +17,7 @@ def test_local_submitit_sweep_runs_every_point(tmp_path):
     assert list(tmp_path.glob(".submitit/*"))  # the jobs went through submitit
 
 
+@pytest.mark.slow
 def test_slurm_preset_takes_the_cluster_settings():
     args = [sys.executable, "-m", "clse_exp", "hydra/launcher=slurm", "+cluster=local", "--cfg", "hydra"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
@@ -23,6 +26,7 @@ def test_slurm_preset_takes_the_cluster_settings():
     assert "SlurmLauncher" in launcher and "partition: debug" in launcher and "WANDB_MODE=offline" in launcher
 
 
+@pytest.mark.slow
 def test_packed_launcher_loads_the_model_once_per_job(tmp_path):
     import json
 

@@ -63,6 +63,7 @@ def test_unterminated_last_line_that_parses_is_not_taken_for_a_torn_write(tmp_pa
         LocalSink(tmp_path)
 
 
+@pytest.mark.slow
 def test_damaged_predictions_stop_the_cli_with_one_line(tmp_path):
     args = [sys.executable, "-m", "clse_exp", f"hydra.run.dir={tmp_path}", "dataset.limit=1", "eval.reference=false"]
     assert subprocess.run(args, capture_output=True, timeout=300).returncode == 0  # the folder now holds this run

@@ -36,6 +36,7 @@ def summary_lines(stderr: str) -> list[str]:
     return lines[start:]
 
 
+@pytest.mark.slow
 def test_sweep_with_an_infeasible_point_ends_with_one_counting_line_and_exit_1(tmp_path):
     result = cli("-m", *TINY_SWEEP, f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 1, result.stderr
@@ -117,7 +118,7 @@ def test_unpruned_points_share_one_run_and_take_over_an_abandoned_claim(tmp_path
     assert sweep_status.unpruned_owner(cfg, first, tmp_path) == second
 
 
-@pytest.mark.parametrize("mode", [[], ["-m"]])
+@pytest.mark.parametrize("mode", [[], pytest.param(["-m"], marks=pytest.mark.slow)])
 def test_unwritable_output_folder_is_one_line(mode):
     key = "hydra.sweep.dir" if mode else "hydra.run.dir"
     result = cli(*mode, f"{key}=/proc/clse_exp_unwritable", "dataset.limit=1", timeout=300)
