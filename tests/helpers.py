@@ -120,3 +120,36 @@ def slow_except(cases: list, fast: list | set) -> list:
 
     return [case if case in fast else pytest.param(*(case if isinstance(case, tuple) else (case,)),
                                                    marks=pytest.mark.slow) for case in cases]
+
+
+LLAVA_576 = "tiny_llava15"  # conf/model/tiny_llava15.yaml: LLaVA-1.5's shape (32 layers, 576 tokens, kv heads = heads)
+QUESTION = "What colour is the shape in the top left cell? Answer with one word."
+
+
+def llava576_case():
+    """The LLaVA-1.5-shaped tiny model in eager attention, one noise-image question's inputs, and the same
+    inputs as the official oracles read them (official_oracles.stock_inputs)."""
+    from official_oracles import stock_inputs
+
+    from clse_exp import load_model
+    from clse_exp.data.sample import Sample
+
+    loaded = load_model(LLAVA_576, "cpu")
+    loaded.model.set_attn_implementation("eager")
+    inputs = loaded.prepare([Sample("s", QUESTION, "", [noise_image(7, 336)])])
+    return loaded, inputs, stock_inputs(loaded, inputs)
+
+
+def first_layer_run(loaded, inputs, pruner):
+    """(kept original indices of sample 0 at the first stage, the first decoder layer's input, its last logits)."""
+    import torch
+
+    seen = {}
+    layer0 = loaded.adapter.decoder_layers(loaded.model)[0]
+    with torch.no_grad(), pruner.attach(loaded.model):
+        handle = layer0.register_forward_pre_hook(lambda _m, args, _kw: seen.update(h=args[0]), with_kwargs=True)
+        try:
+            logits = loaded.model(**inputs).logits[0, -1]
+        finally:
+            handle.remove()
+    return pruner.trace[0]["kept"][0], seen["h"], logits

@@ -13,6 +13,7 @@ from helpers import slow_except
 from clse_exp import models
 from clse_exp.api import compose_config
 from clse_exp.config import group_options, validate_run
+from clse_exp.data import load_samples
 from clse_exp.errors import ConfigError
 
 GROUPS = ("model", "prune", "dataset", "logger")
@@ -95,6 +96,14 @@ def test_a_hub_model_that_is_not_cached_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="model.path='Qwen/Qwen2-VL-7B-Instruct'.*neither on disk nor reachable"):
         validate_run(compose_config(["model=qwen2vl"]))
+
+
+def test_a_hub_dataset_that_is_not_cached_fails_with_one_line_offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConfigError) as err:
+        load_samples(compose_config(["dataset=pope"]).dataset)
+    message = str(err.value)
+    assert "\n" not in message and "'lmms-lab/POPE'" in message and "dataset.path=" in message, message
 
 
 def test_typed_knobs_reject_wrong_types_and_unknown_keys():

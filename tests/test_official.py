@@ -11,13 +11,10 @@ from __future__ import annotations
 import official_oracles as oracle
 import pytest
 import torch
-from helpers import noise_image, slow_except
+from helpers import QUESTION, llava576_case, noise_image, slow_except
 
 from clse_exp import load_model, make_pruner
 from clse_exp.data.sample import Sample
-
-LLAVA_576 = "tiny_llava15"  # conf/model/tiny_llava15.yaml: LLaVA-1.5's shape (32 layers, 576 tokens, kv heads = heads)
-QUESTION = "What colour is the shape in the top left cell? Answer with one word."
 
 
 def ours(loaded, inputs, pruner) -> tuple[list[list[int]], torch.Tensor]:
@@ -35,10 +32,7 @@ def check(loaded, inputs, pruner, expected: oracle.Result, counts: list[int]) ->
 
 @pytest.fixture(scope="module")
 def llava():
-    loaded = load_model(LLAVA_576, "cpu")
-    loaded.model.set_attn_implementation("eager")
-    inputs = loaded.prepare([Sample("s", QUESTION, "", [noise_image(7, 336)])])
-    return loaded, inputs, oracle.stock_inputs(loaded, inputs)
+    return llava576_case()
 
 
 @pytest.mark.parametrize(("reduction", "kept"), slow_except([(0.5, 288), (0.75, 144)], {(0.5, 288)}))

@@ -9,22 +9,17 @@ import sys
 import oracle_prumerge as oracle
 import pytest
 import torch
-from helpers import cached_vs_recomputed, greedy, noise_image, samples
-from official_oracles import stock_inputs
-from test_official import LLAVA_576, QUESTION
+from helpers import cached_vs_recomputed, greedy, llava576_case, samples
+from helpers import first_layer_run as run
 
 from clse_exp import load_model, make_pruner
-from clse_exp.data.sample import Sample
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.prumerge_plus import budgeted_tokens
 
 
 @pytest.fixture(scope="module")
 def llava():
-    loaded = load_model(LLAVA_576, "cpu")
-    loaded.model.set_attn_implementation("eager")
-    inputs = loaded.prepare([Sample("s", QUESTION, "", [noise_image(7, 336)])])
-    return loaded, inputs, stock_inputs(loaded, inputs)
+    return llava576_case()
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +27,6 @@ def tiny():
     return load_model("tiny_llava", "cpu")
 
 
-def run(loaded, inputs, pruner) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """(kept original indices in sequence order, the first decoder layer's input, last logits) of sample 0."""
-    seen = {}
-    layer0 = loaded.adapter.decoder_layers(loaded.model)[0]
-    with torch.no_grad(), pruner.attach(loaded.model):
-        handle = layer0.register_forward_pre_hook(lambda _m, args, _kw: seen.update(h=args[0]), with_kwargs=True)
-        try:
-            logits = loaded.model(**inputs).logits[0, -1]
-        finally:
-            handle.remove()
-    return pruner.trace[0]["kept"][0], seen["h"], logits
 
 
 def stride(outliers: int, n: int) -> int:

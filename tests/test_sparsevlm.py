@@ -12,15 +12,12 @@ import json
 import subprocess
 import sys
 
-import official_oracles as oracle
 import oracle_sparsevlm
 import pytest
 import torch
-from helpers import cached_vs_recomputed, greedy, noise_image, samples
-from test_official import LLAVA_576, QUESTION
+from helpers import cached_vs_recomputed, greedy, llava576_case, samples
 
 from clse_exp import load_model, make_pruner
-from clse_exp.data.sample import Sample
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.base import Layers, ModelFacts
 from clse_exp.pruning.methods.sparsevlm import SparseVLM, dpc_knn_merge, split_exact
@@ -42,10 +39,7 @@ def no_noise(_stage: int, _v: int, m: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def llava():
-    loaded = load_model(LLAVA_576, "cpu")
-    loaded.model.set_attn_implementation("eager")
-    inputs = loaded.prepare([Sample("s", QUESTION, "", [noise_image(7, 336)])])
-    return loaded, inputs, oracle.stock_inputs(loaded, inputs)
+    return llava576_case()
 
 
 def run_with_layer_inputs(loaded, inputs, pruner, layers: tuple[int, ...]):

@@ -27,6 +27,11 @@ def _load_split(source: str, config: str | None, split: str, data_files: Any) ->
         return load_dataset(source, config, split=split, data_files=data_files)
     except ValueError as err:  # datasets names the available splits/configs in its message
         raise ConfigError(f"dataset {source!r} (config {config!r}, split {split!r}): {err}") from err
+    except (ConnectionError, FileNotFoundError) as err:  # offline or unreachable hub, no local copy
+        first = " ".join(str(err).split())[:200]
+        raise ConfigError(f"dataset {source!r} is neither in the local datasets cache nor reachable on the hub "
+                          f"({first}); download it once where the hub is reachable (it is cached under HF_HOME) "
+                          "or give dataset.path=<a local snapshot>") from err
 
 
 def _undecoded(dataset: Any, columns: list[str]) -> Any:
