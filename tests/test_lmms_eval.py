@@ -18,10 +18,13 @@ from lmms_task.build import write_task  # noqa: E402
 
 from clse_exp.api import compose_config  # noqa: E402
 from clse_exp.data.sample import Sample  # noqa: E402
-from clse_exp.data.synthetic import make_sample  # noqa: E402
+from clse_exp.data.synthetic import COLOURS, SHAPES, make_sample, synthetic_dataset  # noqa: E402
 from clse_exp.data.video import sample_frames  # noqa: E402
+from clse_exp.generation import continuation_logprobs, prepare  # noqa: E402
 from clse_exp.lmms.__main__ import _set_flag, main  # noqa: E402
 from clse_exp.lmms.model import PrunedLMM, cut_at_stops  # noqa: E402
+from clse_exp.models import load  # noqa: E402
+from clse_exp.pruning.build import build_pruner  # noqa: E402
 from clse_exp.report import collect  # noqa: E402
 from clse_exp.runner import answer_batch, run  # noqa: E402
 
@@ -79,6 +82,31 @@ def test_lmms_eval_scores_what_our_runner_scores(task_dir: Path, tmp_path: Path,
     assert (row["method"], row["dataset"], row["accuracy"]) == (method, "clse_synthetic", lmms_accuracy)
     samples_file = next(out.rglob("*_samples_clse_synthetic.jsonl"))  # lmms-eval's own --log_samples output
     assert len(samples_file.read_text().splitlines()) == SIZE
+
+
+@pytest.mark.parametrize("prune", ["none", pytest.param("clse", marks=pytest.mark.slow)])
+def test_multiple_choice_scores_each_choice_as_a_continuation_after_the_pruned_prompt(task_dir: Path,
+                                                                                       tmp_path: Path,
+                                                                                       prune: str) -> None:
+    """loglikelihood requests: lmms-eval's accuracy is the argmin over choices of our continuation's mean
+    negative log-likelihood (prompt pruned as when answering), and the trained toy picks the right colour or
+    shape unpruned."""
+    out = tmp_path / "lmms"
+    assert _lmms(task_dir, out, f"model=toy_qwen2vl,prune={prune},keep=0.5", "--tasks", "clse_synthetic_mc") == 0
+    results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]["clse_synthetic_mc"]
+
+    cfg = compose_config([f"prune={prune}", "keep=0.5"])
+    loaded = load(cfg.model, "cpu")
+    pruner = build_pruner(cfg, loaded)
+    right = 0
+    for sample in synthetic_dataset(SIZE, split="test", qtypes=QTYPES):
+        choices = list(COLOURS) if sample.question.startswith("What colour") else list(SHAPES)
+        inputs = prepare(loaded, [sample] * len(choices), pruner)
+        losses = [-c.logprob / c.tokens for c in continuation_logprobs(loaded, inputs, choices, pruner)]
+        right += choices[losses.index(min(losses))] == sample.answer  # lmms-eval: argmin of the mean loss
+    assert results["acc,none"] == right / SIZE
+    if prune == "none":
+        assert right / SIZE >= 0.75
 
 
 @pytest.mark.parametrize(("model_args", "named"), [

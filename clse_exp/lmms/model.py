@@ -6,7 +6,9 @@ lmms-eval hands `generate_until` every request of a run at once; each request's 
 chat template exactly as in `python -m clse_exp`, batched `--batch_size` at a time (left padding, one
 pruning decision per sample). Decoding is greedy, as the pruning papers evaluate. With `stats_dir`, one
 line per answered request (retention, kept indices, prefill FLOPs, KV bytes) goes to
-`<stats_dir>/<task>/predictions.jsonl` as it is answered.
+`<stats_dir>/<task>/predictions.jsonl` as it is answered. `loglikelihood` requests (multiple-choice tasks)
+carry the choice in place of the generation kwargs; the prompt is pruned as when answering and the choice is
+teacher-forced after it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from loguru import logger
 from PIL import Image
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from clse_exp.data.sample import Sample
 from clse_exp.data.video import sample_frames
 from clse_exp.efficiency.accounting import sample_costs
-from clse_exp.generation import batched, decode, generate, prefill_records, prepare
+from clse_exp.generation import batched, continuation_logprobs, decode, generate, prefill_records, prepare
 from clse_exp.lmms.args import parse
 from clse_exp.models import load
 from clse_exp.pruning.build import build_pruner
@@ -140,9 +142,29 @@ class PrunedLMM(lmms):
         progress.close()
         return answers
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError("clse_exp answers generate_until tasks only: scoring a continuation under "
-                                  "pruning needs teacher-forced decoding, which clse_exp.generation does not offer")
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Per request, in order: (the continuation's mean negative log-likelihood per token, whether greedy
+        decoding gives exactly it), lmms-eval's convention (its llava_hf / llava_onevision models return the
+        model's loss; multiple_choice takes the argmin). The prompt is pruned as when answering, then the
+        continuation is teacher-forced."""
+        results: list[tuple[float, bool]] = []
+        progress = tqdm(total=len(requests), desc="Model Scoring", disable=self.rank != 0)
+        for chunk in batched(list(range(len(requests))), self.batch_size):
+            continuations = []
+            for i in chunk:
+                _, target, _, doc_id, task, split = requests[i].args
+                continuations.append(target if isinstance(target, str)
+                                     else target(self.task_dict[task][split][doc_id]))
+            samples = [self._sample(requests[i]) for i in chunk]
+            inputs = prepare(self.loaded, samples, self.pruner)
+            results += [(-c.logprob / c.tokens, c.greedy)
+                        for c in continuation_logprobs(self.loaded, inputs, continuations, self.pruner)]
+            progress.update(len(chunk))
+        progress.close()
+        # lmms-eval 0.7.3's evaluator turns every response that is not a string or a GenerationResult into
+        # str(response) (api/instance.py unwrap_generation_output), which its multiple_choice scoring cannot
+        # unpack; a GenerationResult carries the (log-probability, is_greedy) pair through unchanged
+        return [GenerationResult(pair) for pair in results]
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("clse_exp answers single-round generate_until tasks only")

@@ -19,7 +19,7 @@ QTYPES = ["colour", "shape"]  # conf/dataset/synthetic.yaml
 def write_task(folder: Path, size: int, split: str = "test") -> Path:
     """The first `size` samples of `split`, as `python -m clse_exp dataset.size=<size>` generates them."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("clse_synthetic.yaml", "utils.py"):
+    for name in ("clse_synthetic.yaml", "clse_synthetic_mc.yaml", "utils.py"):
         shutil.copy(HERE / name, folder / name)
     samples = synthetic_dataset(size, split=split, qtypes=QTYPES)
     features = datasets.Features({"id": datasets.Value("string"), "question": datasets.Value("string"),
