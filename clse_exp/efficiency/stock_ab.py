@@ -1,4 +1,5 @@
-"""Stock Qwen2-VL prefill under whichever transformers is importable: the fp32 A/B of issue 17.
+"""Stock Qwen2-VL prefill under whichever transformers is importable: 5.x against 4.57.6 (the official CLSE
+fork's) in fp32.
 
 The same seeded random model (text tower hidden 1024, 24 layers, 8/2 heads, intermediate 2816; a tiny vision
 tower) and the same prompt (1024 visual + 66 text tokens), timed as wall and process CPU seconds, with an
