@@ -31,21 +31,29 @@ def model_with(name: str, attn: str = "sdpa"):
     return loaded
 
 
+LLAVA_ONLY = ("visionzip", "prumerge_plus", "cdpruner")  # they read LLaVA-1.5's CLIP encoder
+
+
 @pytest.mark.parametrize(("name", "method"), slow_except(
-    [(name, method) for name in FAMILIES for method in ("clse", "fastv", "divprune")],
-    {("tiny_qwen2vl", "clse"), ("tiny_qwen2_5vl", "fastv"), ("tiny_llava", "divprune")}))
+    [(name, method) for name in FAMILIES for method in ("clse", "fastv", "divprune")]
+    + [("tiny_llava", method) for method in LLAVA_ONLY],
+    {("tiny_qwen2vl", "clse"), ("tiny_qwen2_5vl", "fastv"), ("tiny_llava", "divprune"),
+     *(("tiny_llava", method) for method in LLAVA_ONLY)}))
 def test_keep_all_is_identity(name, method):
     loaded = model_with(name)
-    inputs = loaded.prepare(samples(3))
+    batch = samples(3)
+    inputs = loaded.prepare(batch)
     valid = inputs["attention_mask"].bool()
     with torch.no_grad():
         stock = loaded.model(**inputs).logits
         pruner = make_pruner(method, keep=1.0, protocol="uniform")
+        fed = prepare(loaded, batch, pruner)  # as the method feeds them (CDPruner reads the questions)
         with pruner.attach(loaded.model):
-            pruned = loaded.model(**inputs).logits
+            pruned = loaded.model(**fed).logits
     assert pruned.shape == stock.shape
     torch.testing.assert_close(pruned[valid], stock[valid], atol=1e-5, rtol=1e-5)
-    assert torch.equal(greedy(loaded, inputs, make_pruner(method, keep=1.0))[0], greedy(loaded, inputs)[0])
+    official = make_pruner(method, keep=1.0)
+    assert torch.equal(greedy(loaded, prepare(loaded, batch, official), official)[0], greedy(loaded, inputs)[0])
 
 
 def test_detached_model_is_stock():
