@@ -81,6 +81,9 @@ def continuation_logprobs(loaded: LoadedModel, inputs: dict, continuations: list
     padded steps are not counted."""
     from transformers import LogitsProcessorList
 
+    rows = inputs["input_ids"].shape[0]
+    if len(continuations) != rows:
+        raise ValueError(f"{len(continuations)} continuations for {rows} prompts: give one per row of the inputs")
     tokenizer = loaded.processor.tokenizer
     encoded = [list(c) if not isinstance(c, str) else tokenizer(c, add_special_tokens=False)["input_ids"]
                for c in continuations]

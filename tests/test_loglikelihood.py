@@ -97,7 +97,9 @@ def test_greedy_flag_is_true_exactly_for_the_greedy_answer():
     assert not is_greedy and other_score < score
 
 
-def test_an_empty_continuation_is_a_clear_error():
+def test_an_empty_continuation_or_one_per_row_missing_is_a_clear_error():
     loaded = load_model("tiny_qwen2vl", "cpu")
     with pytest.raises(ValueError, match="no tokens to score"):
         continuation_logprobs(loaded, prepare(loaded, samples(1)), [""])
+    with pytest.raises(ValueError, match="1 continuations for 2 prompts"):
+        continuation_logprobs(loaded, prepare(loaded, samples(2)), ["red"])
