@@ -49,6 +49,22 @@ def greedy(loaded, inputs, pruner=None, use_cache=True, steps=6):
     return out.sequences[:, -steps:], torch.stack(out.scores)
 
 
+def batch_matches_alone(loaded, batch, pruner, steps=2) -> list[list[list[int]]]:
+    """Greedy-decode `batch` together and each sample alone (inputs as the method prepares them); assert
+    each sample keeps the same tokens at every stage and answers alike. Returns the batch's kept tokens,
+    per stage, per sample."""
+    from clse_exp.generation import prepare
+
+    tokens, scores = greedy(loaded, prepare(loaded, batch, pruner), pruner, steps=steps)
+    together = [stage["kept"] for stage in pruner.trace]
+    for i, sample in enumerate(batch):
+        alone_tokens, alone_scores = greedy(loaded, prepare(loaded, [sample], pruner), pruner, steps=steps)
+        assert [stage["kept"][0] for stage in pruner.trace] == [kept[i] for kept in together], f"sample {i}"
+        assert torch.equal(tokens[i], alone_tokens[0]), f"sample {i} answers differently in a batch"
+        torch.testing.assert_close(scores[:, i], alone_scores[:, 0], atol=2e-4, rtol=1e-4)
+    return together
+
+
 class Recording(PruningMethod):
     """Runs `original` and keeps every row a merging selection handed the engine, by (stage, sample, original
     visual index), so Replay can hand the same merged rows to a recomputation."""

@@ -78,16 +78,17 @@ def test_bench_tables_carry_ideal_times_and_an_overhead_split_that_sums(tmp_path
 @pytest.mark.slow
 def test_gpu_preset_runs_on_cpu_at_reduced_width(tmp_path):
     out = run_bench(tmp_path, "+bench_preset=qwen2vl_7b", "model.scale=0.0625", "visual_tokens=16",
-                    "methods=[clse,visionzip]", "keeps=[0.33]", "batch_sizes=[1,2]", "repeats=1", "warmup=0",
-                    "decode_tokens=2", "device=cpu")
+                    "methods=[clse,visionzip,prumerge_plus]", "keeps=[0.33]", "batch_sizes=[1,2]", "repeats=1",
+                    "warmup=0", "decode_tokens=2", "device=cpu")
     assert out["config"]["attn_implementations"] == ["sdpa", "flash_attention_2"]
     assert [t["batch_size"] for t in out["tables"]] == [1, 2]
     assert any("flash_attention_2: not measured" in note for note in out["notes"])
     for table in out["tables"]:
         assert "hidden 224, 28 layers, 28/4 heads" in table["header"] and "bfloat16" in table["header"]
         rows = {r["method"]: r for r in table["rows"]}
-        assert "'qwen2_vl' is not supported" in rows["visionzip"]["skipped"]  # reads the CLIP encoder
-        assert 0 < rows["clse"]["flops_ratio"] < 1 and rows["clse"]["ideal_s"] > 0
+        assert "'qwen2_vl' is not supported" in rows["prumerge_plus"]["skipped"]  # reads the CLIP encoder
+        for method in ("clse", "visionzip"):
+            assert 0 < rows[method]["flops_ratio"] < 1 and rows[method]["ideal_s"] > 0
         assert rows["none"]["max_batch"] > 0
 
 

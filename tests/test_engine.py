@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cached_vs_recomputed, greedy, noise_image, samples, slow_except
+from helpers import batch_matches_alone, cached_vs_recomputed, greedy, noise_image, samples, slow_except
 
 from clse_exp import load_model, make_pruner
 from clse_exp.compat import cache_of
@@ -36,7 +36,7 @@ LLAVA_ONLY = ("visionzip", "prumerge_plus", "cdpruner")  # they read LLaVA-1.5's
 
 @pytest.mark.parametrize(("name", "method"), slow_except(
     [(name, method) for name in FAMILIES for method in ("clse", "fastv", "divprune")]
-    + [("tiny_llava", method) for method in LLAVA_ONLY],
+    + [("tiny_llava", method) for method in LLAVA_ONLY] + [("tiny_qwen2_5vl", "visionzip")],
     {("tiny_qwen2vl", "clse"), ("tiny_qwen2_5vl", "fastv"), ("tiny_llava", "divprune"),
      *(("tiny_llava", method) for method in LLAVA_ONLY)}))
 def test_keep_all_is_identity(name, method):
@@ -144,13 +144,7 @@ def test_batch_logits_match_batch_of_one(method, attn, protocol):
     loaded = model_with("tiny_llava", attn)
     batch = samples(3, images_per_sample=(1, 2, 1))
     pruner = make_pruner(method, keep=0.4, protocol=protocol)
-    tokens, scores = greedy(loaded, prepare(loaded, batch, pruner), pruner, steps=3)
-    kept_together = [stage["kept"] for stage in pruner.trace]
-    for i, sample in enumerate(batch):
-        alone_tokens, alone_scores = greedy(loaded, prepare(loaded, [sample], pruner), pruner, steps=3)
-        assert [stage["kept"][0] for stage in pruner.trace] == [kept[i] for kept in kept_together]
-        assert torch.equal(tokens[i], alone_tokens[0]), f"sample {i} differs in a batch"
-        torch.testing.assert_close(scores[:, i], alone_scores[:, 0], atol=2e-4, rtol=1e-4)
+    batch_matches_alone(loaded, batch, pruner, steps=3)
 
 
 @pytest.mark.parametrize("name", slow_except(["tiny_qwen2vl", "tiny_qwen2_5vl"], {"tiny_qwen2_5vl"}))
@@ -158,12 +152,7 @@ def test_batch_matches_single_on_qwen_families(name):
     loaded = model_with(name)
     batch = samples(3, images_per_sample=(1, 2, 1), sizes=(224, 168, 224))
     for method in ("clse", "dart", "divprune"):
-        pruner = make_pruner(method, keep=0.3)
-        tokens, scores = greedy(loaded, loaded.prepare(batch), pruner, steps=3)
-        for i, sample in enumerate(batch):
-            alone_tokens, alone_scores = greedy(loaded, loaded.prepare([sample]), pruner, steps=3)
-            assert torch.equal(tokens[i], alone_tokens[0]), (method, i)
-            torch.testing.assert_close(scores[:, i], alone_scores[:, 0], atol=2e-4, rtol=1e-4)
+        batch_matches_alone(loaded, batch, make_pruner(method, keep=0.3), steps=3)
 
 
 @pytest.mark.slow
@@ -377,7 +366,7 @@ class TopCLSAttention(PruningMethod):
 
     name = "top_cls"
 
-    def vision_layers(self):
+    def vision_layers(self, facts):
         return (-2,)
 
     def capture_layers(self, layers):

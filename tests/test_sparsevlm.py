@@ -12,15 +12,17 @@ import json
 import subprocess
 import sys
 
+import official_oracles
 import oracle_sparsevlm
 import pytest
 import torch
-from helpers import cached_vs_recomputed, greedy, llava576_case, samples
+from helpers import cached_vs_recomputed, greedy, llava576_case, noise_image, samples
 
 from clse_exp import load_model, make_pruner
+from clse_exp.data.sample import Sample
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.base import Layers, ModelFacts
-from clse_exp.pruning.methods.sparsevlm import SparseVLM, dpc_knn_merge, split_exact
+from clse_exp.pruning.methods.sparsevlm import SparseVLM, announce_rank_rule, dpc_knn_merge, split_exact
 
 LLAVA_FACTS = ModelFacts("llava", 32)
 SEED = 0
@@ -85,6 +87,45 @@ def test_official_stages_match_the_oracle(llava, budget, sizes, printed):
     assert sum([*per_layer[1:], per_layer[-1]]) / 32 == printed
     if budget == 192:  # the density noise breaks no tie here: the kept sets do not depend on its draw
         assert oracle_sparsevlm.sparsevlm(loaded, x, budget, no_noise).kept == expected.kept
+
+
+@pytest.fixture(scope="module")
+def video_llava():
+    """Video-LLaVA at 32 layers, MHA (as the official LLaMA), 8 frames of 8 x 8 patches plus their CLS tokens."""
+    loaded = load_model({"name": "tiny_video_llava_mha", "family": "video_llava", "path": None, "dtype": "float32",
+                         "attn_implementation": "eager",
+                         "tiny": {"num_layers": 32, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                                  "num_kv_heads": 4, "vision_depth": 2, "image_size": 112, "seed": 0}}, "cpu")
+    loaded.model.set_attn_implementation("eager")
+    frames = [noise_image(40 + i, 112) for i in range(8)]
+    inputs = loaded.prepare([Sample("v", "What happens in the video? Describe the motion.", "", [], video=frames)])
+    return loaded, inputs, official_oracles.stock_inputs(loaded, inputs, frame_tokens=65)
+
+
+def test_video_rank_rule_matches_the_video_branch(video_llava):
+    """SVvid@f05b898: one cut after layer 1, rank(rater x visual attention) kept, then recycling."""
+    loaded, inputs, x = video_llava
+    assert x.n_visual == 512
+    pruner = make_pruner("sparsevlm", keep=0.5, count_rule="rank")
+    logits, seen = run_with_layer_inputs(loaded, inputs, pruner, (2,))
+    expected = oracle_sparsevlm.sparsevlm_video(loaded, x, generator_noise)
+    assert pruner.layers.prune_layers == (2,)
+    kept = pruner.trace[0]["kept"][0]
+    rank, clusters = len(expected.kept[0]) - 16, 16  # int((int(0.3 * (512 - rank)) + 1) / 10) + 1 = 16
+    assert 0 < rank < 20 and kept == expected.kept[0]
+    assert pruner.records[0].visual_per_layer[2] == rank + clusters
+    torch.testing.assert_close(seen[2][0], expected.sequences[2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[0], expected.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_count_rule_is_checked_and_announced_once(caplog):
+    with pytest.raises(ConfigError, match=r"prune.count_rule='rnk'.*table, rank"):
+        make_pruner("sparsevlm", keep=0.5, count_rule="rnk")
+    announce_rank_rule.cache_clear()
+    with caplog.at_level("WARNING"):
+        make_pruner("sparsevlm", keep=0.5, count_rule="rank")
+        make_pruner("sparsevlm", keep=0.3, count_rule="rank")
+    assert caplog.text.count("keep sets no count") == 1
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -1,18 +1,23 @@
-"""VisionZip: the official code's tokens, merges and logits (tests/oracle_visionzip.py) on a tiny LLaVA-1.5-shaped
-model (576 patches, 32 layers), the uniform protocol, and the engine's contracts (identity, batching, decode)."""
+"""VisionZip: the official code's tokens, merges and logits on a tiny LLaVA-1.5-shaped model (576 patches, 32
+layers; tests/oracle_visionzip.py) and a tiny Qwen2.5-VL (28 layers, windowed tower; tests/oracle_visionzip_qwen.py),
+the uniform protocol, and the engine's contracts (identity, batching, decode)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import numpy as np
 import oracle_visionzip as oracle
+import oracle_visionzip_qwen as oracle_qwen
 import pytest
 import torch
-from helpers import cached_vs_recomputed, greedy, llava576_case, samples
+from helpers import QUESTION, batch_matches_alone, cached_vs_recomputed, llava576_case, noise_image, samples
 from helpers import first_layer_run as run
+from PIL import Image
 
 from clse_exp import load_model, make_pruner
+from clse_exp.data.sample import Sample
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.visionzip import CONTEXTUAL_SHARE, SPLITS, split_budget, split_counts
 
@@ -25,6 +30,15 @@ def llava():
 @pytest.fixture(scope="module")
 def tiny():
     return load_model("tiny_llava", "cpu")
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_model("tiny_qwen2_5vl", "cpu")
+
+
+def rectangle(seed: int, width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def test_the_share_reproduces_the_published_splits():
@@ -59,26 +73,62 @@ def test_uniform_protocol_keeps_k_patches_at_their_own_positions(llava):
 def test_batch_matches_batch_of_one(tiny):
     batch = samples(3, images_per_sample=(1, 2, 1))
     pruner = make_pruner("visionzip", keep=0.22)
-    tokens, scores = greedy(tiny, tiny.prepare(batch), pruner, steps=2)
-    together = pruner.trace[0]["kept"]
-    two_images = together[1]  # 28 = 14 + 14 tokens, each image merged on its own
+    two_images = batch_matches_alone(tiny, batch, pruner)[0][1]  # 28 = 14 + 14 tokens, each image on its own
     assert len(two_images) == 28 and sum(i < 64 for i in two_images) == 14
-    for i, sample in enumerate(batch):
-        alone_tokens, alone_scores = greedy(tiny, tiny.prepare([sample]), pruner, steps=2)
-        assert pruner.trace[0]["kept"][0] == together[i]
-        assert torch.equal(tokens[i], alone_tokens[0])
-        torch.testing.assert_close(scores[:, i], alone_scores[:, 0], atol=2e-4, rtol=1e-4)
 
 
-def test_cached_decode_matches_recomputation(tiny):
-    cached, recomputed = cached_vs_recomputed(tiny, tiny.prepare(samples(2, images_per_sample=(2, 1))),
+@pytest.mark.parametrize("name", ["tiny", "qwen"])
+def test_cached_decode_matches_recomputation(name, request):
+    loaded = request.getfixturevalue(name)
+    cached, recomputed = cached_vs_recomputed(loaded, loaded.prepare(samples(2, images_per_sample=(2, 1))),
                                              make_pruner("visionzip", keep=0.3))
     torch.testing.assert_close(cached, recomputed, atol=2e-4, rtol=1e-4)
 
 
-def test_models_without_a_clip_encoder_fail_before_loading():
-    with pytest.raises(ConfigError, match=r"qwen2_vl.*supported: llava"):
-        make_pruner("visionzip", keep=0.2, model="tiny_qwen2vl")
+@pytest.mark.parametrize(("keep", "dominant"), [(0.5, 0.45), (0.7, 0.65), (0.11, 0.06)])
+def test_qwen_official_protocol_matches_the_official_code(qwen, keep, dominant):
+    """A 9 x 7 grid (63 tokens): the tower's 2 x 2 windows cut it unevenly, so the window order matters."""
+    inputs = qwen.prepare([Sample("s", QUESTION, "", [rectangle(5, 196, 252)])])
+    kept, embeds, logits = run(qwen, inputs, make_pruner("visionzip", keep=keep, budget="final"))
+    expected = oracle_qwen.visionzip(qwen, inputs, dominant, 0.05)
+    assert len(kept) == int(dominant * 63) + 3
+    assert kept == expected.kept
+    torch.testing.assert_close(embeds, expected.embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen2vl_takes_the_same_rule_without_windows():
+    qwen2vl = load_model("tiny_qwen2vl", "cpu")
+    inputs = qwen2vl.prepare([Sample("s", QUESTION, "", [rectangle(6, 196, 252)])])
+    kept, embeds, logits = run(qwen2vl, inputs, make_pruner("visionzip", keep=0.33, budget="final"))
+    expected = oracle_qwen.visionzip(qwen2vl, inputs, 0.28, 0.05)
+    assert kept == expected.kept and len(kept) == int(0.28 * 63) + 3
+    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen_uniform_keeps_k_tokens(qwen):
+    inputs = qwen.prepare([Sample("s", QUESTION, "", [rectangle(5, 196, 252)])])
+    official, _, _ = run(qwen, inputs, make_pruner("visionzip", keep=0.5, budget="final"))
+    uniform, embeds, _ = run(qwen, inputs, make_pruner("visionzip", keep=0.5, budget="final", protocol="uniform"))
+    assert len(official) == 31 and len(uniform) == 32  # int(0.45 * 63) + 3 vs round(0.5 * 63)
+    assert len(set(official) & set(uniform)) == 29  # the 28 official dominant tokens are uniform's top 28
+    shared = run(qwen, inputs, make_pruner("visionzip", keep=0.5, budget="final", contextual_share=0.25))[0]
+    assert len(shared) == 32 and shared != uniform  # 8 contextual tokens instead of 3
+
+
+def test_qwen_batch_with_images_and_video_matches_batch_of_one(qwen):
+    video = Sample("v", "What changes between the frames?", "no", [], video=[noise_image(i) for i in range(4)])
+    batch = [*samples(2, images_per_sample=(2, 1), sizes=(224, 168)), video]
+    pruner = make_pruner("visionzip", keep=0.3)
+    together = batch_matches_alone(qwen, batch, pruner)[0]
+    assert [len(kept) for kept in together] == [int(0.25 * n) + int(0.05 * n) for n in (128, 36, 128)]
+
+
+def test_models_without_a_known_encoder_fail_before_loading():
+    with pytest.raises(ConfigError, match=r"qwen3_vl.*supported: llava, qwen2_vl, qwen2_5_vl"):
+        make_pruner("visionzip", keep=0.2, model="tiny_qwen3vl")
+    with pytest.raises(ConfigError, match=r"keep=0.03.*at least 0.05"):
+        make_pruner("visionzip", keep=0.03, model="tiny_qwen2_5vl")
     with pytest.raises(ConfigError, match=r"must be \[0\]"):
         make_pruner("visionzip", keep=0.2, prune_layers=[2], model="tiny_llava")
     with pytest.raises(ConfigError, match="contextual_share"):

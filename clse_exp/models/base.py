@@ -71,11 +71,24 @@ class LoadedModel:
         return self.adapter.prepare_inputs(self.processor, samples, self.device)
 
 
+@dataclass
+class EncoderRows:
+    """One image's (or video's) rows at the input of a vision-encoder layer, for encoders that pack every
+    image of a call into one sequence and attend within blocks of it (Qwen-VL)."""
+
+    hidden: torch.Tensor  # [rows, C] in the encoder's own row order
+    cos: torch.Tensor  # [rows, D] the layer's rotary, same order
+    sin: torch.Tensor
+    blocks: list[int]  # lengths of the row blocks the layer attends within (frames, or windows), in order
+    token: torch.Tensor  # [rows] the visual token (grid order, within this image) each row merges into
+
+
 class ModelAdapter:
     """Family-specific knowledge: where the decoder layers are and where the visual tokens sit."""
 
     family: str = ""
     mrope: bool = False  # multimodal rotary positions: 3-D position ids (Qwen-VL families)
+    encoder_kinds: tuple[str, ...] = ("image",)  # visual kinds that pass vision_encoder_layers(), in call order
 
     def facts(self, config: Any) -> ModelFacts:
         """What a pruning method may know about the model, from its config alone (no weights)."""
@@ -104,6 +117,12 @@ class ModelAdapter:
     def vision_projector(self, model: nn.Module) -> nn.Module:
         """Vision features -> LLM input embeddings (methods that merge before the projector apply it)."""
         raise ValueError(f"model family {self.family!r} does not expose its projector to pruning methods")
+
+    def vision_layer_inputs(self, model: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, tower_kwargs: dict
+                            ) -> list[Any]:
+        """Per image of one encoder call, in call order, what a method reads of a layer's input `hidden`:
+        here the batched encoder's rows [tokens, C] of each image ([CLS] first for CLIP)."""
+        return list(hidden.detach().unbind(0))
 
     def vision_flops(self, model: nn.Module, segments: list[VisualSegment]) -> int | None:
         """Analytic vision-encoder FLOPs for one sample's images, where the family has a formula."""

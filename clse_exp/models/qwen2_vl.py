@@ -2,24 +2,65 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
+from clse_exp.compat import vision_window_index
 from clse_exp.efficiency.flops import qwen2vl_vision_flops
-from clse_exp.models.base import ModelAdapter, VisualSegment, runs_of
+from clse_exp.models.base import EncoderRows, ModelAdapter, VisualSegment, runs_of
 
 
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     mrope = True
+    encoder_kinds = ("image", "video")  # one tower: the images of a batch, then its videos
 
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         return {"image": model.config.image_token_id, "video": model.config.video_token_id}
 
     def vision_towers(self, model: nn.Module) -> list[nn.Module]:
         return [model.model.visual]
+
+    def vision_encoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.visual.blocks
+
+    def vision_projector(self, model: nn.Module) -> nn.Module:
+        """The patch merger: groups of merge_size^2 rows (in the tower's order) -> one LLM embedding."""
+        return model.model.visual.merger
+
+    def vision_layer_inputs(self, model: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, tower_kwargs: dict
+                            ) -> list[EncoderRows]:
+        """The tower packs every image of the call into one sequence [rows, C]: split it per image, with the
+        rotary and attention blocks the layer got and the visual token each row merges into. Qwen2.5-VL
+        permutes merge units into windows before its blocks; the tower's window index undoes that."""
+        visual = model.model.visual
+        grids = tower_kwargs["grid_thw"]
+        unit = visual.spatial_merge_size**2
+        cos, sin = layer_kwargs["position_embeddings"]
+        bounds = layer_kwargs["cu_seqlens"].tolist()
+        order = vision_window_index(visual, grids) if hasattr(visual, "window_size") else None
+        items, row, token = [], 0, 0
+        for t, h, w in grids.tolist():
+            rows, tokens = t * h * w, t * h * w // unit
+            unit_token = torch.arange(tokens) if order is None else order[token : token + tokens].cpu() - token
+            inside = [b for b in bounds if row <= b <= row + rows]
+            blocks = [end - begin for begin, end in itertools.pairwise(inside)]
+            items.append(EncoderRows(hidden[row : row + rows].detach(), cos[row : row + rows], sin[row : row + rows],
+                                     blocks, unit_token.repeat_interleave(unit).to(hidden.device)))
+            row, token = row + rows, token + tokens
+        return items
+
+    @staticmethod
+    def vision_queries_keys(layer: nn.Module, rows: EncoderRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """A vision block's post-RoPE queries and keys [heads, rows, head_dim], as its attention computes them."""
+        attention = layer.attn
+        q, k, _ = attention.qkv(layer.norm1(rows.hidden)).view(len(rows.hidden), 3, attention.num_heads, -1).unbind(1)
+        q, k = apply_rotary_pos_emb_vision(q, k, rows.cos, rows.sin)
+        return q.transpose(0, 1), k.transpose(0, 1)
 
     def vision_flops(self, model: nn.Module, segments: list[VisualSegment]) -> int | None:
         if model.config.model_type != "qwen2_vl":  # Qwen2.5-VL's windowed attention has no formula here yet

@@ -62,7 +62,7 @@ class _Prefill:
     stages: list[StageRecord] = field(default_factory=list)
     records: list[SampleRecord] = field(default_factory=list)
     deepstack: tuple[list[torch.Tensor], torch.Tensor] | None = None  # features per layer, [B, S] row or -1
-    vision: dict[int, list[list[torch.Tensor]]] | None = None  # encoder layer -> per sample, per image input
+    vision: dict[int, list[list[Any]]] | None = None  # encoder layer -> per sample, per encoded segment input
     generated: int = 0
     step_length: int = 0
     decoding: bool = False
@@ -98,8 +98,10 @@ class Pruner:
         self.kv_policy, self.seed, self.time_stages = kv_policy, seed, time_stages
         self._asked_layers = (reference_layer, None if prune_layers is None else tuple(int(x) for x in prune_layers))
         self.facts: ModelFacts | None = None
-        self._vision_pending: dict[int, list[torch.Tensor]] = {}
+        self._vision_pending: dict[int, list[Any]] = {}
         self._vision_modules: tuple[nn.ModuleList | None, nn.Module | None] = (None, None)
+        self._encoder_kinds: tuple[str, ...] = ("image",)
+        self._encoder_queries_keys = None
         self._state: _Prefill | None = None
         self._reduced: list[list[tuple[int, int, int]] | None] | None = None  # see prepare_samples
         self._last: _Prefill | None = None
@@ -174,7 +176,7 @@ class Pruner:
         layers = adapter.decoder_layers(model)
         implementation = text_model.config._attn_implementation
         rotary = getattr(text_model, "rotary_emb", None)
-        self._vision_pending: dict[int, list[torch.Tensor]] = {}
+        self._vision_pending: dict[int, list[Any]] = {}
         self._vision_modules = (None, None)
         handles = self._vision_hooks(adapter, model)
         handles += [
@@ -196,33 +198,51 @@ class Pruner:
     def _vision_hooks(self, adapter: ModelAdapter, model: nn.Module) -> list:
         """Capture the inputs of the image-encoder layers the method reads. generate() runs the encoder
         before the forward call, so captures wait in `_vision_pending` until the next prefill takes them."""
-        wanted = self.method.vision_layers()
+        wanted = self.method.vision_layers(self.facts)
         if not wanted:
             return []
         layers = adapter.vision_encoder_layers(model)
         self._vision_modules = (layers, adapter.vision_projector(model))
-        handles = []
+        self._encoder_queries_keys = getattr(adapter, "vision_queries_keys", None)
+        self._encoder_kinds = adapter.encoder_kinds
+        tower_call: dict = {}
+
+        def on_tower(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            tower_call.clear()
+            tower_call.update(kwargs)
+            if len(args) > 1:  # Qwen-VL towers take (pixels, grid_thw)
+                tower_call.setdefault("grid_thw", args[1])
+
+        towers = adapter.vision_towers(model)
+        handles = [tower.register_forward_pre_hook(on_tower, with_kwargs=True) for tower in towers]
         for layer in wanted:
             index = layer % len(layers)
 
             def capture(_module: nn.Module, args: tuple, kwargs: dict, layer: int = layer) -> None:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                self._vision_pending.setdefault(layer, []).extend(hidden.detach().unbind(0))
+                items = adapter.vision_layer_inputs(model, hidden, kwargs, tower_call)
+                self._vision_pending.setdefault(layer, []).extend(items)
 
             handles.append(layers[index].register_forward_pre_hook(capture, with_kwargs=True))
         return handles
 
-    def _take_vision(self, state: _Prefill) -> dict[int, list[list[torch.Tensor]]] | None:
-        """This prefill's captured encoder inputs, split per sample by its images (in prompt order)."""
+    def _take_vision(self, state: _Prefill) -> dict[int, list[list[Any]]] | None:
+        """This prefill's captured encoder inputs, per sample in prompt order. The encoder ran kind by kind
+        (the family's `encoder_kinds`), each kind over the batch in sample and prompt order."""
         if not self._vision_pending:
             return None
-        per_sample_images = [sum(seg.kind == "image" for seg in segments) for segments in state.layout]
+        encoded = [[seg for seg in segments if seg.kind in self._encoder_kinds] for segments in state.layout]
+        call_order = [(kind, b, seg.start) for kind in self._encoder_kinds for b, segments in enumerate(encoded)
+                      for seg in segments if seg.kind == kind]
         out = {}
-        for layer, images in self._vision_pending.items():
-            if len(images) != sum(per_sample_images):
-                raise RuntimeError(f"captured {len(images)} encoder inputs for {sum(per_sample_images)} images")
-            starts = [sum(per_sample_images[:b]) for b in range(len(per_sample_images))]
-            out[layer] = [images[start : start + n] for start, n in zip(starts, per_sample_images, strict=True)]
+        for layer, items in self._vision_pending.items():
+            if len(items) != len(call_order):
+                raise RuntimeError(f"captured {len(items)} encoder inputs for {len(call_order)} "
+                                   f"{'/'.join(self._encoder_kinds)} segments")
+            per_sample: list[list[tuple[int, Any]]] = [[] for _ in encoded]
+            for (_, b, start), item in zip(call_order, items, strict=True):
+                per_sample[b].append((start, item))
+            out[layer] = [[item for _, item in sorted(found, key=lambda pair: pair[0])] for found in per_sample]
         self._vision_pending = {}
         return out
 
@@ -393,6 +413,8 @@ class Pruner:
             attention_dtype=hidden.dtype if self.protocol == "official" else None, protocol=self.protocol,
             family=self.facts.family, prompt_start=state.first_real, vision=state.vision,
             vision_layers=self._vision_modules[0], projector=self._vision_modules[1],
+            encoder_queries_keys=self._encoder_queries_keys,
+            segment_spans=[[(seg.start, seg.positions[-1]) for seg in segments] for segments in state.layout],
         )
         keep_rows, budgets, kept, merged, replacements = [], [], [], [], []
         for b in range(hidden.shape[0]):

@@ -8,7 +8,9 @@ tower's attention when the model adapter captured it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,13 +51,18 @@ class StageContext:
     captures: dict[int, Capture] = field(default_factory=dict)
     reference_layer: int = 0
     seed: int = 0
-    vision: dict[int, list[list[torch.Tensor]]] | None = None  # encoder layer -> per sample, per image input
+    vision: dict[int, list[list[Any]]] | None = None  # encoder layer -> per sample, per encoded segment input
     vision_layers: nn.ModuleList | None = None  # the image encoder's layers (their norms and projections)
     projector: nn.Module | None = None  # vision features -> LLM embeddings
+    # (encoder layer, one vision_inputs item) -> post-RoPE queries and keys [heads, rows, D] (Qwen-VL adapters)
+    encoder_queries_keys: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
     attention_dtype: torch.dtype | None = None  # cast probabilities to it before the head mean (official code)
     protocol: str = "uniform"
     family: str = ""
     prompt_start: torch.Tensor | None = None  # [B] sequence index of each sample's first real token
+    # per sample, (first, last) sequence index of each visual segment: the non-visual tokens inside one (a
+    # Video-LLaVA frame's CLS token) belong to the image or video, not to the text around it
+    segment_spans: list[list[tuple[int, int]]] = field(default_factory=list)
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------------------ positions
@@ -70,6 +77,14 @@ class StageContext:
     def text_positions(self, b: int) -> torch.Tensor:
         """Slot positions of sample b's real non-visual tokens (system prompt, question, template)."""
         return (self.slots.valid[b] & ~self.is_visual[b]).nonzero().flatten()
+
+    def outside_segments(self, b: int, positions: torch.Tensor) -> torch.Tensor:
+        """The slot `positions` whose tokens lie outside every visual segment's span (e.g. drops CLS tokens)."""
+        index = self.slots.idx[b, positions]
+        inside = torch.zeros_like(index, dtype=torch.bool)
+        for first, last in self.segment_spans[b] if self.segment_spans else []:
+            inside |= (index >= first) & (index <= last)
+        return positions[~inside]
 
     def sequence_index(self, b: int, positions: torch.Tensor) -> torch.Tensor:
         """Index of the tokens at slot `positions` in the sample's own unpadded prompt (as the official
@@ -89,9 +104,11 @@ class StageContext:
         gen.manual_seed(self.seed * 1_000_003 + self.stage_index * 10_007 + len(self.visual_positions(b)))
         return gen
 
-    def vision_inputs(self, b: int, layer: int) -> list[torch.Tensor]:
-        """Per image of sample b, in prompt order: the input [tokens, C] of image-encoder `layer` (as the
-        method's vision_layers() named it; [CLS] first for CLIP). Only images at the LLM input, no video."""
+    def vision_inputs(self, b: int, layer: int) -> list[Any]:
+        """Per encoded segment of sample b, in prompt order, the input of image-encoder `layer` (as the
+        method's vision_layers() named it), as the model adapter's `vision_layer_inputs` gives it: CLIP
+        families give each image's rows [tokens, C] ([CLS] first; images only), Qwen-VL an EncoderRows per
+        image or video."""
         if self.vision is None or layer not in self.vision:
             raise RuntimeError(f"image-encoder layer {layer}'s input was not captured; list it in vision_layers()")
         return self.vision[layer][b]

@@ -143,9 +143,9 @@ class PruningMethod:
         """Decoder layers whose INPUT the method reads (default: the one before each cut, for attention)."""
         return {layer - 1 for layer in layers.prune_layers if layer > 0}
 
-    def vision_layers(self) -> tuple[int, ...]:
-        """Image-encoder layers (negative: from the end) whose INPUT the method reads, e.g. to recompute the
-        [CLS] attention of the penultimate CLIP layer; captured per image while the encoder runs."""
+    def vision_layers(self, facts: ModelFacts) -> tuple[int, ...]:
+        """Image-encoder layers (negative: from the end) whose INPUT the method reads on this model, e.g. to
+        recompute the [CLS] attention of the penultimate CLIP layer; captured per image while the encoder runs."""
         return ()
 
     def prepare_samples(self, samples: list[Any], keep: float, protocol: str, loaded: Any

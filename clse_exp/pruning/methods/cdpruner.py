@@ -229,7 +229,7 @@ class CDPruner(PruningMethod):
                                "clse_exp.generation.prepare(loaded, samples, pruner), as the runner does")
         return questions[b]
 
-    def vision_layers(self) -> tuple[int, ...]:
+    def vision_layers(self, facts: ModelFacts) -> tuple[int, ...]:
         return (-1,)  # the last encoder layer's input is hidden_states[-2], the layer LLaVA-1.5 feeds
 
     def clip_parts(self, ctx: StageContext, b: int) -> ClipParts:

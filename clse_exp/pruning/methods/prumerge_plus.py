@@ -135,7 +135,7 @@ class PruMergePlus(PruningMethod):
     def capture_layers(self, layers: Layers) -> set[int]:
         return set()
 
-    def vision_layers(self) -> tuple[int, ...]:
+    def vision_layers(self, facts: ModelFacts) -> tuple[int, ...]:
         """The last layer's input: layer -2's output (the features), from which its q and k are recomputed."""
         return (-1,)
 

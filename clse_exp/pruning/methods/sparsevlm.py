@@ -28,6 +28,12 @@ under `protocol=official`:
 - Positions (modelling_sparse_llama.py:308, 317, 553-554): renumbered contiguously after every cut; at
   decode each layer continues from its own cache length; every layer caches what it ran on (ragged).
   M-RoPE families keep their original (3-D) positions; a cluster mean takes its centre's.
+Video (branch video @f05b898, Video-LLaVA; cited SVvid): one stage that cuts layer 1's output
+(videollava/model/language_model/modeling_sparse_llama.py:69,197-236) and keeps as many tokens as the RANK of
+the rater x visual block of that layer's head-mean attention, top by the raters' mean, or all when the rank is
+not below the visual count (score.py:5-22); then the same recycling (modeling_sparse_llama.py:240-275).
+`count_rule=rank` runs it (default layers: that one cut, scaled by depth); `keep` then sets no count. As
+committed, that branch calls attn_postprocess_rank with 5 of its 6 arguments, so it needs that fix to run.
 `protocol=uniform`: the same raters, scores and recycling, but each stage's count (kept + merged) is the
 planner's exact count, positions stay original (a merged token at its centre's), and scores are averaged in
 float32. `recycle=false` drops recycling (plain top-k, as v2.0 does).
@@ -36,11 +42,13 @@ float32. `recycle=false` drops recycling (plain top-k, as v2.0 does).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 
-from clse_exp.errors import ConfigError
+from clse_exp.errors import ConfigError, choose_one
 from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules, Selection
 from clse_exp.pruning.signals import StageContext
 
@@ -52,6 +60,17 @@ RECYCLED_FRACTION = 0.3
 TOKENS_PER_CLUSTER = 10
 DENSITY_NOISE = 1e-6
 MERGE_EPS = 1e-6
+COUNT_RULES = ("table", "rank")
+OFFICIAL_VIDEO_CUT = 2  # the video branch scores layer 1 and cuts its output (SVvid modeling_sparse_llama.py:69)
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def announce_rank_rule() -> None:
+    """Say once per process that the rank rule replaces the budget."""
+    log.warning("prune.count_rule=rank: each sample keeps as many tokens as the rank of its rater x visual "
+                "attention (SparseVLM's video branch), plus recycled clusters; keep sets no count (it only "
+                "switches pruning on), and the records give each sample's retention")
 
 
 def recycled_count(pruned: int) -> int:
@@ -99,14 +118,16 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> tuple[
 
 def rater_positions(ctx: StageContext, b: int) -> torch.Tensor:
     """Current slot positions of sample b's text raters, chosen from the LLM input embeddings (layer 0's
-    captured input) of ALL its original visual tokens, so every stage uses the same raters."""
+    captured input) of ALL its original visual tokens, so every stage uses the same raters. Candidates are
+    the text tokens after the first visual token, outside the visual spans (a video frame's CLS token is
+    not text)."""
     first = ctx.captures[0]
     text = ctx.text_positions(b)
     text_index = ctx.slots.idx[b, text]
     visual = first.slots.valid[b] & ~torch.isin(first.slots.idx[b], text_index)  # text is never cut
     if int(visual.sum()) != ctx.n_visual[b]:
         raise RuntimeError("sparsevlm reads the visual tokens at layer 0's input, before any cut")
-    after = text[text_index > first.slots.idx[b][visual].min()]
+    after = ctx.outside_segments(b, text[text_index > first.slots.idx[b][visual].min()])
     if len(after) == 0:
         return text
     relevance = (first.hidden[b, visual] @ ctx.hidden_at(0, b, after).T).softmax(-1).mean(0)
@@ -132,12 +153,20 @@ class SparseVLM(PruningMethod):
     class Options(MethodOptions):
         name: str = "sparsevlm"
         recycle: bool = True  # merge the best-scored pruned tokens into cluster means (v1.5); false: top-k only
+        count_rule: str = "table"  # table: v1.5's per-stage counts; rank: the video branch's data-driven count
 
     # ------------------------------------------------------------------------------ knowledge
+    def validate(self) -> None:
+        choose_one("prune.count_rule", self.options.count_rule, COUNT_RULES)
+        if self.options.count_rule == "rank":
+            announce_rank_rule()
+
     def default_layers(self, facts: ModelFacts) -> Layers:
-        """Cuts before layers 3, 7, 16 of 32; other depths at the same fractions (at least layer 1)."""
+        """Cuts before layers 3, 7, 16 of 32 (rank rule: before layer 2); other depths at the same fractions
+        (at least layer 1)."""
         depth = facts.num_layers
-        cuts = sorted({min(depth - 1, max(1, round(c * depth / OFFICIAL_DEPTH))) for c in OFFICIAL_CUTS})
+        official = (OFFICIAL_VIDEO_CUT,) if self.options.count_rule == "rank" else OFFICIAL_CUTS
+        cuts = sorted({min(depth - 1, max(1, round(c * depth / OFFICIAL_DEPTH))) for c in official})
         return Layers(0, tuple(cuts))
 
     def default_shape(self, n_stages: int) -> list[float] | None:
@@ -158,7 +187,7 @@ class SparseVLM(PruningMethod):
     def official_counts(self, n_visual: int, keep: float, budget: str, layers: Layers,
                         facts: ModelFacts) -> list[int] | None:
         """Per stage, the official top-k count min(n_l, v - 1) (recycling adds its clusters on top)."""
-        if not self._tables_apply(layers, facts):
+        if self.options.count_rule == "rank" or not self._tables_apply(layers, facts):
             return None
         table = TABLES.get(round(keep * TABLE_TOKENS))
         if n_visual == TABLE_TOKENS and table is not None:
@@ -186,15 +215,27 @@ class SparseVLM(PruningMethod):
     # ------------------------------------------------------------------------------ selection
     def scores(self, ctx: StageContext, b: int) -> torch.Tensor:
         """[n_b] mean attention of the raters over the current visual tokens in the layer before the cut."""
-        return ctx.attention_rows(b, rater_positions(ctx, b), ctx.layer - 1).mean(0)
+        return self.rater_attention(ctx, b).mean(0)
+
+    def rater_attention(self, ctx: StageContext, b: int) -> torch.Tensor:
+        """[raters, n_b] the raters' head-mean attention over the current visual tokens, layer before the cut."""
+        return ctx.attention_rows(b, rater_positions(ctx, b), ctx.layer - 1)
 
     def select(self, ctx: StageContext, b: int, k: int) -> torch.Tensor | Selection:
-        """official: k is the top-k count and the clusters come on top; uniform: k is kept + clusters."""
-        scores = self.scores(ctx, b)
+        """official: k is the top-k count and the clusters come on top; uniform: k is kept + clusters. The rank
+        rule replaces k by the rank of the rater attention, clusters on top, under either protocol."""
+        relation = self.rater_attention(ctx, b)
+        scores = relation.mean(0)
+        n = len(scores)
+        rank_rule = self.options.count_rule == "rank"
+        if rank_rule:
+            k = int(torch.linalg.matrix_rank(relation.float()))  # SVvid score.py:11-13
+            if k >= n:  # score.py:19-21: nothing pruned, nothing recycled
+                return torch.arange(n, device=scores.device)
         if not self.options.recycle:
             return scores.topk(k).indices
-        n = len(scores)
-        kept_count, clusters = (k, None) if ctx.protocol == "official" else split_exact(k, n)
+        official_split = ctx.protocol == "official" or rank_rule
+        kept_count, clusters = (k, None) if official_split else split_exact(k, n)
         kept = scores.topk(kept_count).indices.sort().values
         pruned = torch.ones(n, dtype=torch.bool, device=scores.device)
         pruned[kept] = False
