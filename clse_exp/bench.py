@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clse_exp import models
 from clse_exp.api import make_pruner
-from clse_exp.config import FAMILIES, validate_device
+from clse_exp.config import validate_device
 from clse_exp.data.sample import Sample
 from clse_exp.efficiency.accounting import sample_costs
 from clse_exp.efficiency.ideal import IdealUnavailable, Segments, ideal_text_model, segments_from_trace
@@ -53,9 +53,13 @@ DECODE_COLUMNS = ("method", "keep", "decode_tokens_per_s", "decode_time_ratio", 
 DOWNSAMPLE_FLOOR = 56 * 56  # the processors' smallest area: Qwen2-VL's default min_pixels, so downsample can shrink
 
 
+BENCH_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")  # one image = a square grid of known geometry
+
+
 def image_side(cfg: DictConfig) -> int:
-    """Pixels per side of one bench image: sqrt(visual_tokens) merged 28-pixel cells (Qwen-VL geometry)."""
-    return int(math.isqrt(cfg.visual_tokens)) * 28
+    """Pixels per side of one bench image: sqrt(visual_tokens) cells of the family's pixels per visual token
+    (28 for Qwen-VL's merged 14-pixel patches, 14 for LLaVA's CLIP patches)."""
+    return int(math.isqrt(cfg.visual_tokens)) * models.ADAPTERS[cfg.model.family].token_pixels
 
 
 def model_spec(model: DictConfig, side: int) -> dict:
@@ -340,7 +344,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.scale={cfg.model.scale} must be > 0")
     if cfg.memory_budget_gb is not None and not cfg.memory_budget_gb > 0:
         raise ConfigError(f"memory_budget_gb={cfg.memory_budget_gb} must be > 0 (GiB), or null")
-    choose_one("model.family", cfg.model.family, FAMILIES)
+    choose_one("model.family", cfg.model.family, BENCH_FAMILIES)
     if not cfg.model.path:
         model_spec(cfg.model, image_side(cfg))
     for method in cfg.methods:
@@ -368,7 +372,13 @@ def run_tables(cfg: DictConfig, loaded: models.LoadedModel) -> tuple[list[dict],
         for batch in cfg.batch_sizes:
             samples = bench_samples(cfg, batch)
             visual = cfg.visual_tokens * cfg.images
-            n_text = int(loaded.prepare(samples[:1])["attention_mask"][0].sum()) - visual
+            one = loaded.prepare(samples[:1])
+            seen = sum(seg.length for seg in loaded.adapter.visual_layout(loaded.model, **one)[0])
+            if seen != visual:
+                raise ConfigError(f"model.family={cfg.model.family}: the bench's {image_side(cfg)}-pixel images give "
+                                  f"{seen} visual tokens, not visual_tokens x images = {visual}; the bench knows the "
+                                  f"geometry of {', '.join(BENCH_FAMILIES)}")
+            n_text = int(one["attention_mask"][0].sum()) - visual
             header = (f"{cfg.model.path or 'random ' + cfg.model.family} | hidden {text.hidden_size}, "
                       f"{text.num_hidden_layers} layers, {text.num_attention_heads}/{text.num_key_value_heads} heads | "
                       f"{visual} visual + {n_text} text tokens | batch {batch} "

@@ -76,6 +76,16 @@ def test_bench_tables_carry_ideal_times_and_an_overhead_split_that_sums(tmp_path
 
 
 @pytest.mark.slow
+def test_llava_bench_feeds_clip_sized_images_to_the_clip_methods(tmp_path):
+    out = run_bench(tmp_path, *SMALL, "model.family=llava", "methods=[visionzip,prumerge_plus]", "keeps=[0.33]",
+                    "repeats=1", "ideal=false")
+    table = out["tables"][0]
+    assert "random llava" in table["header"] and "| 64 visual +" in table["header"]
+    rows = {row["method"]: row for row in table["rows"]}
+    assert rows["visionzip"]["retention_average"] == rows["prumerge_plus"]["retention_average"] == 21 / 64
+
+
+@pytest.mark.slow
 def test_gpu_preset_runs_on_cpu_at_reduced_width(tmp_path):
     out = run_bench(tmp_path, "+bench_preset=qwen2vl_7b", "model.scale=0.0625", "visual_tokens=16",
                     "methods=[clse,visionzip,prumerge_plus]", "keeps=[0.33]", "batch_sizes=[1,2]", "repeats=1",
@@ -226,6 +236,7 @@ def test_time_calls_times_the_callables_a_factory_returns():
     ("batch_sizes=1", "must be a list"), ("images=0", "images=0"), ("methods=[foo]", "'foo'"),
     ("keeps=[1.5]", "keep=1.5"), ("protocol=paper", "'paper'"), ("model.scale=0", "model.scale=0"),
     ("memory_budget_gb=-1", "memory_budget_gb=-1"), ("attn_implementations=[flashy]", "'flashy'"),
+    ("model.family=internvl", "'internvl'.*qwen2_vl, qwen2_5_vl, qwen3_vl, llava"),
 ])
 def test_bad_bench_settings_are_one_line_before_a_model_is_built(override, fragment):
     cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "bench.yaml"), OmegaConf.from_dotlist([override]))

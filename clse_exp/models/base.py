@@ -89,6 +89,7 @@ class ModelAdapter:
     family: str = ""
     mrope: bool = False  # multimodal rotary positions: 3-D position ids (Qwen-VL families)
     encoder_kinds: tuple[str, ...] = ("image",)  # visual kinds that pass vision_encoder_layers(), in call order
+    token_pixels: int = 28  # image pixels per visual token side (Qwen2-VL: 14-pixel patches merged 2 x 2)
 
     def facts(self, config: Any) -> ModelFacts:
         """What a pruning method may know about the model, from its config alone (no weights)."""

@@ -14,6 +14,7 @@ class LlavaAdapter(ModelAdapter):
     """Each image is one (1, side, side) grid; side = image_size // patch_size (24 for LLaVA-1.5)."""
 
     family = "llava"
+    token_pixels = 14  # one CLIP patch per visual token
 
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         return {"image": model.config.image_token_id}

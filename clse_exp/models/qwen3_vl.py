@@ -19,6 +19,7 @@ from clse_exp.models.qwen2_vl import Qwen2VLAdapter
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
+    token_pixels = 32  # 16-pixel patches merged 2 x 2
 
     def vision_flops(self, model: nn.Module, segments: list[VisualSegment]) -> int | None:
         return None  # 16-px patches, learned position embeddings and DeepStack mergers: no formula here yet
