@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,9 @@ class ModelAdapter:
     mrope: bool = False  # multimodal rotary positions: 3-D position ids (Qwen-VL families)
     encoder_kinds: tuple[str, ...] = ("image",)  # visual kinds that pass vision_encoder_layers(), in call order
     token_pixels: int = 28  # image pixels per visual token side (Qwen2-VL: 14-pixel patches merged 2 x 2)
+    # (encoder layer, one vision_layer_inputs item) -> its post-RoPE queries and keys [heads, rows, D], for
+    # families whose encoder attention a method recomputes from a packed layer input (Qwen-VL); else None
+    vision_queries_keys: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def facts(self, config: Any) -> ModelFacts:
         """What a pruning method may know about the model, from its config alone (no weights)."""

@@ -203,7 +203,7 @@ class Pruner:
             return []
         layers = adapter.vision_encoder_layers(model)
         self._vision_modules = (layers, adapter.vision_projector(model))
-        self._encoder_queries_keys = getattr(adapter, "vision_queries_keys", None)
+        self._encoder_queries_keys = adapter.vision_queries_keys
         self._encoder_kinds = adapter.encoder_kinds
         tower_call: dict = {}
 

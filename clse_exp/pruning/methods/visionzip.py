@@ -253,7 +253,7 @@ class VisionZip(PruningMethod):
             tokens = int(rows.token.max()) + 1
             scores.append(per_token(received_attention(queries, keys, rows.blocks, dtype), rows.token, tokens))
             metrics.append(per_token(keys.to(dtype).float().transpose(0, 1), rows.token, tokens).mean(dim=1))
-        score, metric = torch.cat(scores), torch.cat(metrics)
+        score, metric = torch.cat(scores).to(current.device), torch.cat(metrics).to(current.device)  # device_map
         if len(score) != len(current):
             raise RuntimeError(f"sample {b}: its vision encoder gave {len(score)} tokens but it has {len(current)} "
                                "visual tokens")
