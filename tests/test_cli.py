@@ -70,6 +70,7 @@ def test_clse_and_fastv_reach_keep_0_1(tmp_path):
         assert abs(json.loads((tmp_path / method / "summary.json").read_text())["retention"]["average"] - 0.1) < 0.01
 
 
+@pytest.mark.slow  # a subprocess run; the default suite keeps the Ctrl-C and same-config resume tests
 def test_sigkilled_run_resumes_with_every_sample_once(tmp_path):
     args = cli(f"hydra.run.dir={tmp_path}", "dataset.limit=16", "batch_size=1", "prune=clse", "keep=0.2")
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow  # a real submitit sweep of subprocesses (CI runs it with the slow tests)
 def test_local_submitit_sweep_runs_every_point(tmp_path):
     args = [sys.executable, "-m", "clse_exp", "-m", "hydra/launcher=local", "prune=none,random", "keep=0.3",
             "dataset.limit=1", "eval.reference=false", f"hydra.sweep.dir={tmp_path}"]
