@@ -13,14 +13,24 @@ import pytest
 import torch
 from helpers import batch_matches_alone, cached_vs_recomputed, noise_image, samples
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from clse_exp import load_model, make_pruner
 from clse_exp.data.prompts import SHORT_ANSWER
 from clse_exp.data.sample import Sample
+from clse_exp.efficiency.accounting import run_costs, sample_costs
 from clse_exp.errors import ConfigError
 from clse_exp.generation import prepare
 from clse_exp.pruning.methods.base import ModelFacts
-from clse_exp.pruning.methods.cdpruner import LLAVA15_CLIP, fast_map, resolve_clip, tiny_clip
+from clse_exp.pruning.methods.cdpruner import (
+    LLAVA15_CLIP,
+    _load_clip,
+    fast_map,
+    instruction,
+    resolve_clip,
+    text_embeds,
+    tiny_clip,
+)
 
 # LLaVA-1.5's shape (conf/model/tiny_llava15.yaml: 32 layers, 576 visual tokens, kv heads = heads), 256 wide:
 # the kernel's rank is at most the projector width, and T = 192 needs more than 192 (4096 in LLaVA-1.5-7B).
@@ -101,6 +111,27 @@ def test_batch_equals_batch_of_one(protocol):
     assert [len(kept) for kept in together] == [19, 38, 19]
 
 
+def test_clip_work_is_counted_apart_as_torch_counts_it(wide):
+    """The record's aux_flops: CLIP's text tower over every 77-token segment plus the visual projection of the
+    patches, equal to torch's FlopCounterMode over the same calls (eager attention, so both products count)."""
+    loaded, clip_dir, sample = wide
+    pruner = make_pruner("cdpruner", keep=64 / 576, budget="final", clip=clip_dir)
+    run(loaded, [sample], pruner)
+    parts = _load_clip(clip_dir, "", "cpu")
+    parts.text_model.config._attn_implementation = "eager"
+    patches = torch.randn(576, parts.visual_projection.in_features)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        text = text_embeds(parts, instruction(sample.question), torch.device("cpu"))
+        parts.visual_projection(parts.post_layernorm(patches))
+    assert text.shape[0] == 2  # the question spans two segments
+    assert pruner.records[0].aux_flops == counter.get_total_flops() > 0
+    costs = run_costs([{**sample_costs(loaded.model.config, pruner.records[0], torch.float32),
+                        "aux_flops": pruner.records[0].aux_flops}])
+    assert costs["flops_ratio_with_aux"] > costs["flops_ratio"]
+    assert "aux_tflops_per_sample" not in run_costs([sample_costs(loaded.model.config, pruner.records[0],
+                                                                  torch.float32)])
+
+
 @pytest.mark.parametrize("protocol", ["official", pytest.param("uniform", marks=pytest.mark.slow)])
 def test_cached_decode_equals_recomputation(protocol):
     loaded = load_model("tiny_llava", "cpu")
@@ -173,3 +204,6 @@ def test_cli_runs_on_the_tiny_llava(tmp_path):
     assert "CDPruner CLIP: tiny" in result.stderr + (tmp_path / "clse_exp.log").read_text()
     records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [(r["n_visual"], len(r["kept"])) for r in records] == [(64, 14), (64, 14)]
+    efficiency = json.loads((tmp_path / "summary.json").read_text())["efficiency"]
+    assert all(r["aux_flops"] > 0 for r in records)
+    assert efficiency["flops_ratio_with_aux"] > efficiency["flops_ratio"] and efficiency["aux_tflops_per_sample"] > 0

@@ -37,6 +37,10 @@ def run_costs(records: list[dict]) -> dict:
     vision_unpruned = [r.get("vision_flops_unpruned") for r in records]
     if extra and None not in vision_unpruned and sum(vision_unpruned):  # a method that shrinks the encoder's input
         extra["vision_flops_ratio"] = sum(vision) / sum(vision_unpruned)
+    aux = sum(r.get("aux_flops", 0) for r in records)
+    if aux:  # work the method ran outside the model (CDPruner's CLIP text tower): shown, and in a second ratio
+        extra["aux_tflops_per_sample"] = aux / n / 1e12
+        extra["flops_ratio_with_aux"] = (total["prefill_flops"] + aux) / total["prefill_flops_unpruned"]
     return {
         **extra,
         "prefill_tmacs_per_sample": total["prefill_flops"] / n / 2e12,

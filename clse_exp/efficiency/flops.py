@@ -80,3 +80,12 @@ def qwen2vl_vision_flops(vision_config: Any, patch_grids: Sequence[Sequence[int]
         merger = 2 * merger_tokens * merged * merged + 2 * merger_tokens * merged * vision_config.hidden_size
         total += 2 * n * patch_in * embed + vision_config.depth * block + merger
     return total
+
+
+def clip_text_flops(text_config: Any, segments: int, segment_tokens: int, projection_dim: int) -> int:
+    """Matmul FLOPs of a CLIP text tower over `segments` sequences of `segment_tokens` tokens (padding is
+    computed too): per layer q/k/v/out projections, the full QK^T and AV products, the fc1/fc2 MLP; then the
+    text projection of each pooled token. Methods that run it besides the model (CDPruner) report it apart."""
+    d, t = text_config.hidden_size, segment_tokens
+    layer = 2 * t * d * 4 * d + 2 * 2 * t * t * d + 2 * 2 * t * d * text_config.intermediate_size
+    return segments * (text_config.num_hidden_layers * layer + 2 * d * projection_dim)

@@ -416,7 +416,7 @@ class Pruner:
             encoder_queries_keys=self._encoder_queries_keys,
             segment_spans=[[(seg.start, seg.positions[-1]) for seg in segments] for segments in state.layout],
         )
-        keep_rows, budgets, kept, merged, replacements = [], [], [], [], []
+        keep_rows, budgets, kept, merged, replacements, aux = [], [], [], [], [], []
         for b in range(hidden.shape[0]):
             visual = ctx.visual_positions(b)
             budget = state.plans[b][0].get(layer)
@@ -425,13 +425,14 @@ class Pruner:
                 selection = self.method.select(ctx, b, budget)
                 if isinstance(selection, torch.Tensor):  # a set of tokens: they keep their original order
                     selection = Selection(selection.sort().values)
+            aux.append(selection.aux_flops if selection is not None else 0)
             order, rows = self._arrange(selection, len(visual), visual.device)
             keep_rows.append(_interleave(ctx.text_positions(b), visual[order]))
             budgets.append(len(visual) if budget is None else min(budget, len(visual)))
             kept.append(visual_rank[b, visual[order]].tolist())
             merged.append(0 if rows is None else _changed_rows(rows, hidden[b, visual[order]]))
             replacements.append((visual[order], rows))
-        state.stages.append(StageRecord(layer, budgets, kept, merged))
+        state.stages.append(StageRecord(layer, budgets, kept, merged, aux_flops=aux))
         old = state.slots
         state.slots, rel = shrink(old, keep_rows)
         if self.rules.prefill == "compact":
@@ -492,7 +493,7 @@ class Pruner:
                 grids=[list(seg.grid) for seg in segments], processed=per_layer, cached=kept_in_cache,
                 kept_per_stage=[len(stage.kept[b]) for stage in stages],
                 kept=stages[-1].kept[b] if stages else list(range(n)),
-                budget_unreachable=state.plans[b][1],
+                budget_unreachable=state.plans[b][1], aux_flops=sum(stage.aux_flops[b] for stage in stages),
             )
             unreduced = state.reduced[b] if state.reduced is not None else None
             records.append(record if unreduced is None else record.unreduced(unreduced))

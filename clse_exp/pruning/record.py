@@ -18,6 +18,7 @@ class StageRecord:
     kept: list[list[int]]  # per sample: kept ORIGINAL visual indices, in the order they sit in the sequence
     merged: list[int]  # per sample: kept tokens whose hidden states a merge replaced
     seconds: float = 0.0
+    aux_flops: list[int] = field(default_factory=list)  # per sample: FLOPs of the method's work outside the model
 
 
 @dataclass
@@ -35,6 +36,7 @@ class SampleRecord:
     # the grids of the unreduced input when the method reduced it before the model (downsampled images):
     # n_visual and n_prompt then count that input, while grids and kept describe the tokens really fed
     original_grids: list[list[int]] | None = None
+    aux_flops: int = 0  # FLOPs the method spent outside the model (Selection.aux_flops, summed over stages)
 
     @property
     def visual_per_layer(self) -> list[int]:
@@ -56,6 +58,7 @@ class SampleRecord:
             "kept_per_stage": self.kept_per_stage, "kept": self.kept, "visual_per_layer": self.visual_per_layer,
             "tokens_processed": self.processed, "tokens_cached": self.cached, "retention": self.retention,
             "budget_unreachable": self.budget_unreachable, "original_grids": self.original_grids,
+            "aux_flops": self.aux_flops,
         }
 
     def unreduced(self, original_grids: list[list[int]]) -> SampleRecord:

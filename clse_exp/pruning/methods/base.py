@@ -72,10 +72,13 @@ class Selection:
     (the engine sorts them into original order unless the rules compact positions).
     hidden: optional [k, C] replacement hidden states for them (methods that merge dropped tokens into kept
     ones); None keeps the tokens' own states.
+    aux_flops: matmul FLOPs of work outside the model that the choice took (CDPruner's CLIP text tower), so
+    the run reports them; the method's reads of the model's own states are not counted.
     """
 
     order: torch.Tensor
     hidden: torch.Tensor | None = None
+    aux_flops: int = 0
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,9 @@ from torch import nn
 
 from clse_exp.data.prompts import LETTER_ANSWER, SHORT_ANSWER
 from clse_exp.data.sample import Sample
+from clse_exp.efficiency.flops import clip_text_flops
 from clse_exp.errors import ConfigError
-from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules
+from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules, Selection
 from clse_exp.pruning.methods.divprune import pre_llm_rules
 from clse_exp.pruning.signals import StageContext
 
@@ -150,6 +151,14 @@ def text_embeds(clip: ClipParts, text: str, device: torch.device) -> torch.Tenso
     return clip.text_projection(clip.text_model(input_ids=ids, attention_mask=mask).pooler_output)
 
 
+def clip_flops(clip: ClipParts, segments: int, patches: int) -> int:
+    """What CDPruner runs of CLIP besides the model: the text tower over `segments` 77-token segments and the
+    visual projection of `patches` patch features."""
+    projection = clip.visual_projection
+    return (clip_text_flops(clip.text_model.config, segments, clip.segment, clip.text_projection.out_features)
+            + 2 * patches * projection.in_features * projection.out_features)
+
+
 def relevance(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """[N] the official relevance: negated cosine averaged over text segments, min-max with 1e-6 on top."""
     image = image / image.norm(dim=-1, keepdim=True)
@@ -243,7 +252,7 @@ class CDPruner(PruningMethod):
             self._checked.add((source, id(ctx.vision_layers)))
         return parts
 
-    def select(self, ctx: StageContext, b: int, k: int) -> torch.Tensor:
+    def select(self, ctx: StageContext, b: int, k: int) -> Selection:
         clip = self.clip_parts(ctx, b)
         features = ctx.hidden_states(b)
         with torch.no_grad():
@@ -257,8 +266,10 @@ class CDPruner(PruningMethod):
                 unit = F.normalize(features.float(), dim=-1)
             kernel = r[:, None] * (unit @ unit.T) * r[None, :]
             if ctx.protocol == "official":  # the official mask: repeated picks collapse
-                return torch.unique(fast_map(kernel, k))
-            return fast_map(kernel, k, fill=r)
+                picks = torch.unique(fast_map(kernel, k))
+            else:
+                picks = fast_map(kernel, k, fill=r).sort().values
+        return Selection(picks, aux_flops=clip_flops(clip, text.shape[0], patches.shape[0]))
 
 
 def _check_same_tower(source: str, clip_layer: nn.Module, model_layer: nn.Module) -> None:
