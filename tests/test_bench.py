@@ -245,7 +245,7 @@ def test_bad_bench_settings_are_one_line_before_a_model_is_built(override, fragm
 
 
 def test_presets_validate():
-    for name in ("overhead", "decode", "qwen2vl_7b"):
+    for name in ("overhead", "decode", "qwen2vl_7b", "llava15_7b"):
         cfg = preset(name, "device=cpu")
         validate(cfg)
     assert preset("decode").images * preset("decode").visual_tokens >= 4096

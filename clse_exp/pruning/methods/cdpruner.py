@@ -171,26 +171,34 @@ def fast_map(kernel: torch.Tensor, k: int, fill: torch.Tensor | None = None) -> 
     """Greedy MAP of a DPP with kernel [N, N] (Chen et al. 2018's incremental Cholesky), k steps, in pick order.
 
     Without `fill` the official loop: no stopping rule (a non-positive gain yields NaN rows and possibly
-    repeated picks). With `fill` ([N] priorities) the loop stops once no remaining token has a positive
-    gain and takes the rest by descending priority, so the k picks are distinct.
+    repeated picks). With `fill` ([N] priorities) the picks stop at the first step whose gain is not positive
+    and the rest are taken by descending priority, so the k picks are distinct. The loop uses tensor ops only
+    (no host synchronisation per step); the stopping step is found once, after it.
     """
     n = kernel.shape[0]
     rows = kernel.new_zeros(k, n)
     gain = kernel.diagonal().clone()
-    picks: list[int] = []
+    picks = torch.empty(k, dtype=torch.long, device=kernel.device)
+    gains = kernel.new_empty(k)
     for i in range(k):
-        j = int(torch.argmax(gain))
-        if fill is not None and not gain[j] > 0:
-            rest = torch.ones(n, dtype=torch.bool, device=kernel.device)
-            rest[picks] = False
-            order = torch.sort(fill.masked_fill(~rest, float("-inf")), descending=True, stable=True).indices
-            return torch.cat([torch.tensor(picks, dtype=torch.long, device=kernel.device), order[: k - i]])
-        row = (kernel[j] - torch.einsum("t,tn->n", rows[:i, j], rows[:i])) / torch.sqrt(gain[j])
+        j = torch.argmax(gain).view(1)
+        picks[i : i + 1] = j
+        gains[i : i + 1] = gain.index_select(0, j)
+        row = (kernel.index_select(0, j)[0] - torch.einsum("t,tn->n", rows[:i].index_select(1, j)[:, 0], rows[:i])
+               ) / torch.sqrt(gains[i])
         rows[i] = row
         gain -= row.square()
-        gain[j] = float("-inf")
-        picks.append(j)
-    return torch.tensor(picks, dtype=torch.long, device=kernel.device)
+        gain.index_fill_(0, j, float("-inf"))
+    if fill is None:
+        return picks
+    stopped = (~(gains > 0)).nonzero()
+    if len(stopped) == 0:
+        return picks
+    first = int(stopped[0])
+    rest = torch.ones(n, dtype=torch.bool, device=kernel.device)
+    rest[picks[:first]] = False
+    order = torch.sort(fill.masked_fill(~rest, float("-inf")), descending=True, stable=True).indices
+    return torch.cat([picks[:first], order[: k - first]])
 
 
 class CDPruner(PruningMethod):

@@ -36,25 +36,31 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
     distance = 1.0 - unit @ unit.T
     n = distance.shape[0]
     nearest = distance.masked_fill(torch.eye(n, dtype=torch.bool, device=distance.device), float("inf")).min(1).values
-    picks = [int(nearest.argmax())]
-    to_picked = distance[picks[0]].clone()
-    to_picked[picks[0]] = float("-inf")
-    for _ in range(k - 1):
-        nxt = int(to_picked.argmax())
-        picks.append(nxt)
-        to_picked = torch.minimum(to_picked, distance[nxt])
-        to_picked[picks] = float("-inf")
-    return torch.tensor(picks, device=features.device)
+    return greedy_farthest(distance, nearest.argmax(), k, exclude_picked=True)
 
 
 def official_max_min(features: torch.Tensor, k: int) -> torch.Tensor:
-    """The official greedy, step for step: second-smallest column entry first, no explicit exclusion."""
+    """The official greedy, step for step: second-smallest column entry first, no explicit exclusion (the
+    minimum over the picked rows, kept as a running minimum: the same values)."""
     unit = features / features.norm(dim=1, keepdim=True)
     distance = 1.0 - unit @ unit.T
-    picks = [int(distance.topk(2, dim=0, largest=False).values[1].argmax())]
-    for _ in range(k - 1):
-        picks.append(int(distance[picks].min(dim=0).values.argmax()))
-    return torch.tensor(picks, device=features.device)
+    return greedy_farthest(distance, distance.topk(2, dim=0, largest=False).values[1].argmax(), k,
+                           exclude_picked=False)
+
+
+def greedy_farthest(distance: torch.Tensor, first: torch.Tensor, k: int, exclude_picked: bool) -> torch.Tensor:
+    """k picks from `first` on, each the token farthest (largest running minimum distance) from those picked.
+    Tensor ops only, no host synchronisation per pick, so on a GPU the loop only queues kernels."""
+    picks = torch.empty(k, dtype=torch.long, device=distance.device)
+    nxt = first.view(1)
+    to_picked = torch.full_like(distance[0], float("inf"))
+    for i in range(k):
+        picks[i : i + 1] = nxt
+        to_picked = torch.minimum(to_picked, distance.index_select(0, nxt)[0])
+        if exclude_picked:
+            to_picked.index_fill_(0, nxt, float("-inf"))
+        nxt = to_picked.argmax().view(1)
+    return picks
 
 
 class DivPrune(PruningMethod):
