@@ -48,6 +48,7 @@ def preset(name: str, *overrides: str):
                            OmegaConf.from_dotlist(list(overrides)))
 
 
+@pytest.mark.slow  # a bench subprocess (CI runs it with the slow tests)
 def test_bench_tables_carry_ideal_times_and_an_overhead_split_that_sums(tmp_path):
     out = run_bench(tmp_path, *SMALL, "methods=[clse,fastv]", "keeps=[0.1,0.33]", "batch_sizes=[1,2]",
                     "memory_budget_gb=1")
