@@ -14,3 +14,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llava576():
+    """A tiny LLaVA-1.5-shaped model (576 patches, 32 layers), one sample's inputs and its stock decoder input."""
+    from helpers import llava576_case
+
+    return llava576_case()
+
+
+@pytest.fixture(scope="module")
+def tiny_llava():
+    from clse_exp import load_model
+
+    return load_model("tiny_llava", "cpu")

@@ -41,11 +41,6 @@ def qwen():
     return load_model("tiny_qwen2vl", "cpu")
 
 
-@pytest.fixture(scope="module")
-def llava():
-    return load_model("tiny_llava", "cpu")
-
-
 def wide_image(seed: int = 3) -> Image.Image:
     return noise_image(seed, 300).resize(WIDE)
 
@@ -162,8 +157,8 @@ def test_qwen_video_frames_are_resized_and_time_is_kept(qwen):
     assert record.retention["final"] == 0.25
 
 
-def test_keep_one_is_the_identity(qwen, llava):
-    for loaded in (qwen, llava):
+def test_keep_one_is_the_identity(qwen, tiny_llava):
+    for loaded in (qwen, tiny_llava):
         batch = samples(2)
         pruner = make_pruner("downsample", keep=1.0)
         assert pruner.prepare_samples(loaded, batch) is batch
@@ -176,7 +171,8 @@ def test_keep_one_is_the_identity(qwen, llava):
         torch.testing.assert_close(pruned[valid], stock[valid], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen", pytest.param("llava", marks=pytest.mark.slow)])  # test_engine covers llava
+# test_engine covers tiny_llava in the default suite
+@pytest.mark.parametrize("name", ["qwen", pytest.param("tiny_llava", marks=pytest.mark.slow)])
 def test_batch_of_three_equals_batch_of_one(name, request):
     loaded = request.getfixturevalue(name)
     batch = samples(3, images_per_sample=(1, 2, 1), sizes=(224, 168, 280))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import official_oracles as oracle
 import pytest
 import torch
-from helpers import QUESTION, llava576_case, noise_image, slow_except
+from helpers import QUESTION, noise_image, slow_except
 
 from clse_exp import load_model, make_pruner
 from clse_exp.data.sample import Sample
@@ -30,14 +30,9 @@ def check(loaded, inputs, pruner, expected: oracle.Result, counts: list[int]) ->
     torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def llava():
-    return llava576_case()
-
-
 @pytest.mark.parametrize(("reduction", "kept"), slow_except([(0.5, 288), (0.75, 144)], {(0.5, 288)}))
-def test_fastv(llava, reduction, kept):
-    loaded, inputs, x = llava
+def test_fastv(llava576, reduction, kept):
+    loaded, inputs, x = llava576
     assert x.n_visual == 576
     check(loaded, inputs, make_pruner("fastv", keep=1 - reduction, budget="final"),
           oracle.fastv(loaded, x, k_layer=2, kept=kept), [kept])
@@ -45,31 +40,31 @@ def test_fastv(llava, reduction, kept):
 
 @pytest.mark.parametrize(("lam", "counts"), slow_except([(0.5, [288, 144, 72]), (0.4, [230, 92, 36])],
                                                        [(0.5, [288, 144, 72])]))
-def test_pdrop(llava, lam, counts):
-    loaded, inputs, x = llava
+def test_pdrop(llava576, lam, counts):
+    loaded, inputs, x = llava576
     pruner = make_pruner("pdrop", keep=lam**3, budget="final")
     check(loaded, inputs, pruner, oracle.pdrop(loaded, x, [8, 16, 24], [lam, lam**2, lam**3]), counts)
     assert pruner.layers.prune_layers == (8, 16, 24)
 
 
 @pytest.mark.parametrize(("budget", "kept"), slow_except([(128, 132), (64, 68)], {(128, 132)}))
-def test_dart(llava, budget, kept):
-    loaded, inputs, x = llava
+def test_dart(llava576, budget, kept):
+    loaded, inputs, x = llava576
     check(loaded, inputs, make_pruner("dart", keep=budget / 576, budget="final"),
           oracle.dart(loaded, x, k_layer=2, budget=budget), [kept])
 
 
 @pytest.mark.parametrize(("ratio", "kept"), slow_except([(0.098, 56), (0.25, 144)], {(0.098, 56)}))
-def test_divprune(llava, ratio, kept):
-    loaded, inputs, x = llava
+def test_divprune(llava576, ratio, kept):
+    loaded, inputs, x = llava576
     check(loaded, inputs, make_pruner("divprune", keep=ratio, budget="final"), oracle.divprune(loaded, x, ratio),
           [kept])
 
 
 @pytest.mark.parametrize(("average", "counts"), slow_except(
     [(192, [330, 210, 62]), (128, [220, 140, 41]), (64, [110, 70, 20])], [(192, [330, 210, 62])]))
-def test_clse_llava(llava, average, counts):
-    loaded, inputs, x = llava
+def test_clse_llava(llava576, average, counts):
+    loaded, inputs, x = llava576
     pruner = make_pruner("clse", keep=average / 576)
     expected = oracle.clse(loaded, x, reference=0, k_layers=[1, 11, 21], counts=counts, grid=(1, 24, 24))
     check(loaded, inputs, pruner, expected, counts)
@@ -116,10 +111,10 @@ def test_clse_video_llava():
 
 
 @pytest.mark.parametrize("method", slow_except(["fastv", "pdrop", "dart", "divprune", "clse"], {"dart", "pdrop"}))
-def test_uniform_differs_where_the_official_rule_does(llava, method):
+def test_uniform_differs_where_the_official_rule_does(llava576, method):
     """Switching protocol=uniform restores the controlled rules; where the official rule changes counts,
     positions or visit order, the kept sets or logits differ."""
-    loaded, inputs, _ = llava
+    loaded, inputs, _ = llava576
     keep = {"fastv": 0.5, "pdrop": 0.125, "dart": 128 / 576, "divprune": 0.25, "clse": 1 / 3}[method]
     budget = "average" if method == "clse" else "final"
     official = ours(loaded, inputs, make_pruner(method, keep=keep, budget=budget))

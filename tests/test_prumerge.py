@@ -9,22 +9,12 @@ import sys
 import oracle_prumerge as oracle
 import pytest
 import torch
-from helpers import batch_matches_alone, cached_vs_recomputed, llava576_case, samples
+from helpers import batch_matches_alone, cached_vs_recomputed, samples
 from helpers import first_layer_run as run
 
-from clse_exp import load_model, make_pruner
+from clse_exp import make_pruner
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.prumerge_plus import budgeted_tokens
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return llava576_case()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny_llava", "cpu")
 
 
 def stride(outliers: int, n: int) -> int:
@@ -59,8 +49,8 @@ def check(kept: list[int], embeds: torch.Tensor, logits: torch.Tensor, expected:
     torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
 
 
-def test_adaptive_count_matches_the_official_code(llava):
-    loaded, inputs, x = llava
+def test_adaptive_count_matches_the_official_code(llava576):
+    loaded, inputs, x = llava576
     kept, embeds, logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=0.5, adaptive=True))
     expected = oracle.prumerge_plus(loaded, inputs, x)
     assert len(kept) == len(expected.kept) + 1 < 0.5 * 576
@@ -68,8 +58,8 @@ def test_adaptive_count_matches_the_official_code(llava):
 
 
 @pytest.mark.parametrize("budget", [127, pytest.param(64, marks=pytest.mark.slow)])
-def test_budgeted_count_matches_the_official_code_at_its_outliers_and_stride(llava, budget):
-    loaded, inputs, x = llava
+def test_budgeted_count_matches_the_official_code_at_its_outliers_and_stride(llava576, budget):
+    loaded, inputs, x = llava576
     kept, embeds, logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=budget / 576, budget="final"))
     assert len(kept) == budget
     outliers, grid = budgeted_layout(oracle.last_layer(loaded, inputs["pixel_values"])[0][0], budget)
@@ -77,8 +67,8 @@ def test_budgeted_count_matches_the_official_code_at_its_outliers_and_stride(lla
 
 
 @pytest.mark.slow
-def test_budget_at_the_adaptive_count_keeps_the_adaptive_tokens(llava):
-    loaded, inputs, _ = llava
+def test_budget_at_the_adaptive_count_keeps_the_adaptive_tokens(llava576):
+    loaded, inputs, _ = llava576
     adaptive, _, adaptive_logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=0.5, adaptive=True))
     budgeted, _, logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=len(adaptive) / 576, budget="final"))
     assert budgeted == adaptive
@@ -93,8 +83,8 @@ def test_budget_rule_meets_every_count():
             assert len(tokens) == kept == len(set(tokens))
 
 
-def test_uniform_protocol_keeps_the_same_tokens_at_their_own_positions(llava):
-    loaded, inputs, _ = llava
+def test_uniform_protocol_keeps_the_same_tokens_at_their_own_positions(llava576):
+    loaded, inputs, _ = llava576
     official, _, official_logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=0.22, budget="final"))
     uniform, _, uniform_logits = run(loaded, inputs, make_pruner("prumerge_plus", keep=0.22, budget="final",
                                                                  protocol="uniform"))
@@ -102,17 +92,18 @@ def test_uniform_protocol_keeps_the_same_tokens_at_their_own_positions(llava):
     assert not torch.allclose(official_logits, uniform_logits, atol=1e-3)
 
 
-def test_batch_matches_batch_of_one(tiny):
+def test_batch_matches_batch_of_one(tiny_llava):
     batch = samples(3, images_per_sample=(1, 2, 1))
     pruner = make_pruner("prumerge_plus", keep=0.22)
-    together = batch_matches_alone(tiny, batch, pruner)[0]
+    together = batch_matches_alone(tiny_llava, batch, pruner)[0]
     assert [len(kept) for kept in together] == [14, 28, 14]
     assert sum(i < 64 for i in together[1]) == 14  # each image merged on its own
 
 
-def test_cached_decode_matches_recomputation(tiny):
+def test_cached_decode_matches_recomputation(tiny_llava):
     pruner = make_pruner("prumerge_plus", keep=0.3)
-    cached, recomputed = cached_vs_recomputed(tiny, tiny.prepare(samples(2, images_per_sample=(2, 1))), pruner)
+    inputs = tiny_llava.prepare(samples(2, images_per_sample=(2, 1)))
+    cached, recomputed = cached_vs_recomputed(tiny_llava, inputs, pruner)
     torch.testing.assert_close(cached, recomputed, atol=2e-4, rtol=1e-4)
 
 

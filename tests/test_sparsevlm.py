@@ -16,7 +16,7 @@ import official_oracles
 import oracle_sparsevlm
 import pytest
 import torch
-from helpers import cached_vs_recomputed, greedy, llava576_case, noise_image, samples
+from helpers import cached_vs_recomputed, greedy, noise_image, samples
 
 from clse_exp import load_model, make_pruner
 from clse_exp.data.sample import Sample
@@ -37,11 +37,6 @@ def generator_noise(stage: int, v_token_num: int, m: int) -> torch.Tensor:
 
 def no_noise(_stage: int, _v: int, m: int) -> torch.Tensor:
     return torch.zeros(m)
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return llava576_case()
 
 
 def run_with_layer_inputs(loaded, inputs, pruner, layers: tuple[int, ...]):
@@ -67,8 +62,8 @@ def run_with_layer_inputs(loaded, inputs, pruner, layers: tuple[int, ...]):
 @pytest.mark.parametrize(("budget", "sizes", "printed"), [
     (192, [309, 204, 113], 192.03125), (128, [312, 117, 39], 128.625), (64, [82, 32, 18], 64.8125),
 ])
-def test_official_stages_match_the_oracle(llava, budget, sizes, printed):
-    loaded, inputs, x = llava
+def test_official_stages_match_the_oracle(llava576, budget, sizes, printed):
+    loaded, inputs, x = llava576
     assert x.n_visual == 576
     pruner = make_pruner("sparsevlm", keep=budget / 576)
     logits, seen = run_with_layer_inputs(loaded, inputs, pruner, (3, 7, 16))
@@ -177,11 +172,6 @@ def test_uniform_split_is_exact():
             assert kept + clusters == total
             official = int((int((visual - kept) * 0.3) + 1) / 10) + 1
             assert clusters == official or (kept == 0 and clusters < official)
-
-
-@pytest.fixture(scope="module")
-def tiny_llava():
-    return load_model("tiny_llava", "cpu")
 
 
 def test_keep_all_is_identity(tiny_llava):

@@ -12,7 +12,7 @@ import oracle_visionzip as oracle
 import oracle_visionzip_qwen as oracle_qwen
 import pytest
 import torch
-from helpers import QUESTION, batch_matches_alone, cached_vs_recomputed, llava576_case, noise_image, samples
+from helpers import QUESTION, batch_matches_alone, cached_vs_recomputed, noise_image, samples
 from helpers import first_layer_run as run
 from PIL import Image
 
@@ -20,16 +20,6 @@ from clse_exp import load_model, make_pruner
 from clse_exp.data.sample import Sample
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.visionzip import CONTEXTUAL_SHARE, SPLITS, split_budget, split_counts
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return llava576_case()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny_llava", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +37,8 @@ def test_the_share_reproduces_the_published_splits():
 
 
 @pytest.mark.parametrize("budget", [192, 64])
-def test_official_protocol_matches_the_official_code(llava, budget):
-    loaded, inputs, x = llava
+def test_official_protocol_matches_the_official_code(llava576, budget):
+    loaded, inputs, x = llava576
     kept, embeds, logits = run(loaded, inputs, make_pruner("visionzip", keep=budget / 576, budget="final"))
     expected = oracle.visionzip(loaded, inputs, x, *SPLITS[budget])
     assert len(kept) == budget and len(expected.dominant) == SPLITS[budget][0] - 1
@@ -59,8 +49,8 @@ def test_official_protocol_matches_the_official_code(llava, budget):
     torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
 
 
-def test_uniform_protocol_keeps_k_patches_at_their_own_positions(llava):
-    loaded, inputs, x = llava
+def test_uniform_protocol_keeps_k_patches_at_their_own_positions(llava576):
+    loaded, inputs, x = llava576
     official, _, official_logits = run(loaded, inputs, make_pruner("visionzip", keep=64 / 576, budget="final"))
     uniform, embeds, uniform_logits = run(loaded, inputs, make_pruner("visionzip", keep=64 / 576, budget="final",
                                                                       protocol="uniform"))
@@ -70,14 +60,14 @@ def test_uniform_protocol_keeps_k_patches_at_their_own_positions(llava):
     assert not torch.allclose(official_logits, uniform_logits, atol=1e-3)
 
 
-def test_batch_matches_batch_of_one(tiny):
+def test_batch_matches_batch_of_one(tiny_llava):
     batch = samples(3, images_per_sample=(1, 2, 1))
     pruner = make_pruner("visionzip", keep=0.22)
-    two_images = batch_matches_alone(tiny, batch, pruner)[0][1]  # 28 = 14 + 14 tokens, each image on its own
+    two_images = batch_matches_alone(tiny_llava, batch, pruner)[0][1]  # 28 = 14 + 14 tokens, each image on its own
     assert len(two_images) == 28 and sum(i < 64 for i in two_images) == 14
 
 
-@pytest.mark.parametrize("name", ["tiny", "qwen"])
+@pytest.mark.parametrize("name", ["tiny_llava", "qwen"])
 def test_cached_decode_matches_recomputation(name, request):
     loaded = request.getfixturevalue(name)
     cached, recomputed = cached_vs_recomputed(loaded, loaded.prepare(samples(2, images_per_sample=(2, 1))),
