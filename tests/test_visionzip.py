@@ -19,7 +19,13 @@ from PIL import Image
 from clse_exp import load_model, make_pruner
 from clse_exp.data.sample import Sample
 from clse_exp.errors import ConfigError
-from clse_exp.pruning.methods.visionzip import CONTEXTUAL_SHARE, SPLITS, split_budget, split_counts
+from clse_exp.pruning.methods.visionzip import (
+    CONTEXTUAL_SHARE,
+    SPLITS,
+    announce_joint_selection,
+    split_budget,
+    split_counts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +118,18 @@ def test_qwen_batch_with_images_and_video_matches_batch_of_one(qwen):
     pruner = make_pruner("visionzip", keep=0.3)
     together = batch_matches_alone(qwen, batch, pruner)[0]
     assert [len(kept) for kept in together] == [int(0.25 * n) + int(0.05 * n) for n in (128, 36, 128)]
+
+
+def test_qwen_selection_beyond_one_image_is_announced_once(qwen, caplog):
+    announce_joint_selection.cache_clear()
+    with caplog.at_level("WARNING"):
+        one = qwen.prepare([Sample("s", QUESTION, "", [rectangle(5, 196, 252)])])
+        run(qwen, one, make_pruner("visionzip", keep=0.5))
+        assert "selected jointly" not in caplog.text  # one image: the official code's own case
+        two = qwen.prepare(samples(1, images_per_sample=(2,)))
+        for _ in range(2):
+            run(qwen, two, make_pruner("visionzip", keep=0.5))
+    assert caplog.text.count("selected jointly") == 1
 
 
 def test_models_without_a_known_encoder_fail_before_loading():

@@ -49,6 +49,8 @@ fractions; `uniform` keeps k = round(keep * N) with the same contextual count (a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 
 import torch
 
@@ -65,6 +67,7 @@ QWEN_CONTEXTUAL = 0.05  # contextual tokens per visual token on Qwen2.5-VL (VZQ:
 CLIP_FAMILIES = ("llava",)  # families whose CLIP encoder (with its [CLS] token) the engine exposes
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # packed towers whose last block VisionZip reads
 QUERY_CHUNK = 1024  # query rows per softmax block when recomputing a vision block's attention
+log = logging.getLogger(__name__)
 
 
 def require_clip_encoder(method: str, facts: ModelFacts, layers: Layers, families: tuple[str, ...] = CLIP_FAMILIES,
@@ -132,10 +135,7 @@ def merge_contextual(dominant: torch.Tensor, metric: torch.Tensor, features: tor
     unit = metric[remaining]
     unit = unit / unit.norm(dim=-1, keepdim=True)
     assign = (unit[~is_target] @ unit[is_target].T).argmax(dim=1)
-    sums = torch.zeros(len(targets), features.shape[1], dtype=features.dtype, device=features.device)
-    sums.index_add_(0, assign, features[members])
-    counts = torch.bincount(assign, minlength=len(targets)).clamp(min=1)
-    return targets, members, features[targets] + sums / counts[:, None].to(features.dtype)
+    return targets, members, features[targets] + per_token(features[members], assign, len(targets))
 
 
 def received_attention(queries: torch.Tensor, keys: torch.Tensor, blocks: list[int], dtype: torch.dtype
@@ -159,10 +159,18 @@ def received_attention(queries: torch.Tensor, keys: torch.Tensor, blocks: list[i
 
 
 def per_token(values: torch.Tensor, token: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Mean of `values` [rows, ...] over the rows of each token (rows in any order), [tokens, ...]."""
+    """Mean of `values` [rows, ...] over the rows of each token (rows in any order), [tokens, ...]; a token
+    with no rows gets zeros."""
     sums = torch.zeros((tokens, *values.shape[1:]), dtype=values.dtype, device=values.device)
     sums.index_add_(0, token, values)
     return sums / torch.bincount(token, minlength=tokens).clamp(min=1).view(-1, *[1] * (values.dim() - 1))
+
+
+@functools.cache
+def announce_joint_selection() -> None:
+    """Say once per process that a Qwen sample beyond the official code's one image is selected jointly."""
+    log.warning("prune=visionzip on Qwen: a sample with several images or a video is selected jointly over all "
+                "its visual tokens; the official code (68993a3) handles one image per prompt")
 
 
 class VisionZip(PruningMethod):
@@ -254,6 +262,9 @@ class VisionZip(PruningMethod):
             scores.append(per_token(received_attention(queries, keys, rows.blocks, dtype), rows.token, tokens))
             metrics.append(per_token(keys.to(dtype).float().transpose(0, 1), rows.token, tokens).mean(dim=1))
         score, metric = torch.cat(scores).to(current.device), torch.cat(metrics).to(current.device)  # device_map
+        grids = ctx.grids(b)
+        if official and (len(grids) > 1 or grids[0][0] > 1):
+            announce_joint_selection()
         if len(score) != len(current):
             raise RuntimeError(f"sample {b}: its vision encoder gave {len(score)} tokens but it has {len(current)} "
                                "visual tokens")
