@@ -117,8 +117,7 @@ def prefill_records(loaded: LoadedModel, inputs: dict, pruner: Any = None) -> li
     caches the whole prompt), for FLOPs, KV bytes and retention."""
     if pruner is not None:
         return pruner.records
-    grids = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
-    layout = loaded.adapter.visual_layout(loaded.model, inputs["input_ids"], **grids)
+    layout = loaded.layout(inputs)
     prompt_tokens = inputs["attention_mask"].sum(1).tolist()
     return [unpruned_record(int(n), sum(s.length for s in segments), [list(s.grid) for s in segments],
                             loaded.num_layers) for n, segments in zip(prompt_tokens, layout, strict=True)]

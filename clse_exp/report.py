@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from clse_exp import sweep_status
@@ -132,16 +131,115 @@ def baseline_keys(keys: list[str]) -> list[str]:
     return ["model", "dataset", *(k for k in keys if not ignored_by_unpruned(k))]
 
 
-def add_relative(frame: pd.DataFrame, metric: str, keys: list[str]) -> pd.DataFrame:
-    """metric / the metric of the unpruned run(s) with the same model, dataset and non-method swept keys."""
+class RunSamples:
+    """Which samples a finished run answered, read from its predictions.jsonl, and its metric re-scored on any
+    subset of them; `ids` is None when the file cannot tell (absent, or holding more samples than the summary
+    counted, as after a resume with a smaller dataset.limit)."""
+
+    def __init__(self, folder: Path) -> None:
+        summary = json.loads((folder / sweep_status.SUMMARY).read_text())
+        self.task, self.n_samples = summary.get("task"), summary.get("n_samples")
+        self.records: dict[str, dict] = {}
+        path = folder / "predictions.jsonl"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line: that sample was not in the summary
+                if isinstance(record, dict) and isinstance(record.get("id"), str):
+                    self.records.setdefault(record["id"], record)
+        self.ids = frozenset(self.records) if self.records and len(self.records) == self.n_samples else None
+
+    def why_not_rescored(self) -> str | None:
+        """Why the metric cannot be recomputed on a subset of this run's samples (None when it can)."""
+        if self.ids is None:
+            return "predictions.jsonl does not list exactly the samples its summary counted"
+        if not all("doc" in r and "prediction" in r for r in self.records.values()):
+            return "predictions carry no scorer inputs (doc and prediction; an lmms-eval run's do not)"
+        return None
+
+    def rescored(self, metric: str, ids: frozenset[str]) -> float | None:
+        """The run's `metric` on the samples `ids` alone, by its task's scorer (None when it has no such metric)."""
+        from clse_exp.metrics import score
+
+        chosen = [self.records[i] for i in sorted(ids)]
+        if metric == "agreement":
+            return sum(bool(r.get("agree")) for r in chosen) / len(chosen) if "agree" in chosen[0] else None
+        try:
+            value = score(self.task, [r["doc"] for r in chosen], [r["prediction"] for r in chosen]).get(metric)
+        except ValueError:
+            return None
+        return float(value) if isinstance(value, int | float) else None
+
+
+def add_relative(frame: pd.DataFrame, metric: str, keys: list[str], root: Path | None = None) -> pd.DataFrame:
+    """metric / the metric of the unpruned run(s) with the same model, dataset and non-method swept keys.
+
+    A ratio of scores on different samples means nothing, so when a run and its unpruned baseline answered
+    different samples (compared by id where predictions.jsonl lists them, else by count), both are re-scored
+    on the samples they share; when the predictions do not allow that, the ratio is left out. Either way
+    `relative_note` says so."""
     match = baseline_keys(keys)
-    base = frame[frame["method"] == "none"].groupby(match)[metric].mean()
-    lookup = pd.MultiIndex.from_frame(frame[match]) if len(match) > 1 else frame[match[0]]
-    reference = base.reindex(lookup).to_numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        frame["relative"] = frame[metric].to_numpy() / reference
-    frame.loc[~(reference > 0), "relative"] = float("nan")
+    frame["relative"], frame["relative_note"] = float("nan"), ""
+    unpruned = frame[frame["method"] == "none"]
+    runs: dict[str, RunSamples | None] = {}
+
+    def samples_of(run_dir: str) -> RunSamples | None:
+        if run_dir not in runs:
+            try:
+                runs[run_dir] = RunSamples(root / run_dir) if root is not None else None
+            except (OSError, json.JSONDecodeError):
+                runs[run_dir] = None
+        return runs[run_dir]
+
+    for index, row in frame.iterrows():
+        bases = unpruned[(unpruned[match] == row[match]).all(axis=1)]
+        if bases.empty or pd.isna(row[metric]):
+            continue
+        mine, theirs = samples_of(row["run_dir"]), [samples_of(d) for d in bases["run_dir"]]
+        base_n = "/".join(str(n) for n in bases["n_samples"])
+        same = all(_same_samples(row["n_samples"], n, mine, other)
+                   for n, other in zip(bases["n_samples"], theirs, strict=True))
+        if same:
+            reference, value = bases[metric].mean(), row[metric]
+        else:
+            common, outcome = _on_common_samples(metric, mine, theirs)
+            if isinstance(outcome, str):
+                frame.at[index, "relative_note"] = (f"no ratio: {row['n_samples']} samples vs the unpruned run's "
+                                                    f"{base_n} (different samples), and {outcome}")
+                continue
+            value, reference = outcome
+            frame.at[index, "relative_note"] = (f"on the {common} samples shared with the unpruned run "
+                                                f"({row['n_samples']} vs {base_n} samples)")
+        if reference > 0:
+            frame.at[index, "relative"] = value / reference
     return frame
+
+
+def _on_common_samples(metric: str, mine: RunSamples | None, theirs: list[RunSamples | None]
+                       ) -> tuple[int, tuple[float, float] | str]:
+    """(shared samples, (this run's metric, the unpruned runs' mean metric) on them), or why that cannot be
+    computed in place of the pair."""
+    if mine is None or None in theirs:
+        return 0, "a run folder's predictions could not be read"
+    for name, run in (("this run", mine), *(("the unpruned run", s) for s in theirs)):
+        if run.why_not_rescored():
+            return 0, f"{name}'s {run.why_not_rescored()}"
+    common = frozenset.intersection(mine.ids, *(s.ids for s in theirs))
+    if not common:
+        return 0, "they share no sample"
+    value, scores = mine.rescored(metric, common), [s.rescored(metric, common) for s in theirs]
+    if value is None or None in scores:
+        return len(common), f"`{metric}` cannot be recomputed from the predictions"
+    return len(common), (value, sum(scores) / len(scores))
+
+
+def _same_samples(n: Any, other_n: Any, mine: RunSamples | None, other: RunSamples | None) -> bool:
+    """Whether two runs answered the same samples: by id when both runs list them, else by count."""
+    if mine is not None and other is not None and mine.ids is not None and other.ids is not None:
+        return mine.ids == other.ids
+    return n == other_n
 
 
 def keep_label(keep: float) -> str:
@@ -287,9 +385,9 @@ def write_report(root: Path) -> dict:
     keys = swept_keys(frame, configs)
     frame = pd.concat([frame, configs[keys]], axis=1)
     metric = headline_metric(frame)
-    frame = add_relative(frame, metric, keys)
+    frame = add_relative(frame, metric, keys, root)
     has_unpruned = (frame["method"] == "none").any()
-    columns = [*ID_COLUMNS, *keys, "n_samples", metric, "relative"]
+    columns = [*ID_COLUMNS, *keys, "n_samples", metric, "relative", "relative_note"]
     flat = frame.drop(columns=["kept_row_histogram", "wandb"])
     flat = flat[columns + [c for c in flat.columns if c not in columns]]
     flat.to_csv(root / "report.csv", index=False)
@@ -304,9 +402,15 @@ def write_report(root: Path) -> dict:
         if not has_unpruned:
             lines.append(unpruned_hint(root, frame))
         elif relative.empty:
-            lines.append(f"No ratio is defined: the unpruned `{metric}` is 0 (or absent) for these runs.")
+            lines.append(f"No ratio is defined: the unpruned `{metric}` is 0 (or absent) for these runs, or their "
+                         "samples differ (see below).")
         else:
             lines.append(markdown(relative.reset_index()))
+        noted = runs[runs["relative_note"] != ""]
+        if len(noted):
+            lines += ["", "Runs whose samples differ from their unpruned run's:", ""]
+            lines += [f"- `{row['run_dir']}` ({row['method']} keep={keep_label(row['keep'])}): {row['relative_note']}"
+                      for _, row in noted.iterrows()]
     lines += ["", "## All runs", "", markdown(flat)]
     for heading, states in (("Points that could not run", ("could_not_run",)),
                             ("Crashed or unfinished points (rerun the same sweep command to resume them)",

@@ -31,7 +31,7 @@ from clse_exp.errors import ConfigError
 from clse_exp.generation import batched, decode, generate, prefill_records
 from clse_exp.metrics import sample_score, score
 from clse_exp.metrics.fidelity import first_token_kl
-from clse_exp.metrics.positions import positional_summary
+from clse_exp.metrics.retention import retention_summary
 from clse_exp.pruning.record import SampleRecord
 from clse_exp.run_id import HASHED_KEYS, config_hash, hashed_config
 from clse_exp.tracking.environment import environment
@@ -58,8 +58,7 @@ def answer_batch(loaded: models.LoadedModel, batch: list[Sample], max_new_tokens
                # the whole batch's cache after decoding: padding and generated tokens included
                "kv_bytes_measured": measured_kv_bytes(cache_of(out))}
     predictions = decode(loaded, out.sequences, prompt_length)
-    grids = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
-    layout = loaded.adapter.visual_layout(loaded.model, inputs["input_ids"], **grids)
+    layout = loaded.layout(inputs)
     prompt_tokens = inputs["attention_mask"].sum(1).tolist()
     sample_records = prefill_records(loaded, inputs, pruner)
     ref_out, ref_length = out, prompt_length
@@ -111,13 +110,10 @@ def summarize(cfg: DictConfig, records: list[dict], task: str, env: dict, timing
             "first_token_kl": sum(r["first_token_kl"] for r in records) / len(records),
         }
         reference = score(task, [r["doc"] for r in records], [r["reference_prediction"] for r in records])
-    retention = {}
-    if records and "retention" in records[0]:
-        retention = {k: sum(r["retention"][k] for r in records) / len(records) for k in records[0]["retention"]}
+    retention = retention_summary(records)  # over the samples with visual tokens; text-only ones counted apart
+    if retention:
         retention["asked"] = cfg.keep
-        retention["visual_tokens_in"] = sum(r["n_visual"] for r in records) / len(records)
         retention["budget_unreachable_samples"] = sum(bool(r.get("budget_unreachable")) for r in records)
-        retention.update(positional_summary(records))
     batch_timings = [r["batch_timings"] for r in records if "batch_timings" in r]
     measured = {f"mean_batch_{k}": sum(t[k] for t in batch_timings) / len(batch_timings)
                 for k in (batch_timings[0] if batch_timings else {})}
@@ -164,23 +160,38 @@ def save_overlays(samples: list[Sample], records: list[dict], run_dir: Path, cou
     return overlays
 
 
-def claim_folder(cfg: DictConfig, run_dir: Path) -> None:
-    """Record which run this folder holds, or refuse to resume another run's results in it."""
+def check_folder(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether this folder already holds this run (a resume); refuses a folder holding another run's results.
+    Writes nothing, so a run refused later leaves the folder as it found it."""
     identity = run_dir / IDENTITY_FILE
-    current = hashed_config(cfg)
     if identity.exists():
         saved = json.loads(identity.read_text())
         if saved["hash"] != config_hash(*(cfg[k] for k in HASHED_KEYS)):
-            differ = _differences(saved["config"], current)
+            differ = _differences(saved["config"], hashed_config(cfg))
             raise ConfigError(f"{run_dir} holds another run's results ({', '.join(differ[:6])}"
                               f"{' ...' if len(differ) > 6 else ''}); use a new hydra.run.dir or the same config")
-        return
+        return True
     if (run_dir / "predictions.jsonl").exists():
         raise ConfigError(f"{run_dir} holds predictions.jsonl of an unknown run (no {IDENTITY_FILE}); "
                           "use a new hydra.run.dir")
+    return False
+
+
+def claim_folder(cfg: DictConfig, run_dir: Path) -> bool:
+    """Record which run this folder holds, or refuse to resume another run's results in it; True when this
+    call wrote the record (the folder was free)."""
+    if check_folder(cfg, run_dir):
+        return False
     run_dir.mkdir(parents=True, exist_ok=True)
-    identity.write_text(json.dumps({"hash": config_hash(*(cfg[k] for k in HASHED_KEYS)), "config": current},
-                                   indent=1, default=str) + "\n")
+    (run_dir / IDENTITY_FILE).write_text(json.dumps({"hash": config_hash(*(cfg[k] for k in HASHED_KEYS)),
+                                                     "config": hashed_config(cfg)}, indent=1, default=str) + "\n")
+    return True
+
+
+def release_folder(run_dir: Path) -> None:
+    """Undo claim_folder for a run refused before it saved any sample, so the folder is free again."""
+    if not (run_dir / "predictions.jsonl").exists():
+        (run_dir / IDENTITY_FILE).unlink(missing_ok=True)
 
 
 def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -203,19 +214,23 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run (or resume) one config into `run_dir`; returns the summary also written to summary.json."""
     pruner = validate_run(cfg)
     run_dir = Path(run_dir)
-    claim_folder(cfg, run_dir)
+    check_folder(cfg, run_dir)  # another run's folder is refused before any data is read
     samples, skipped = load_samples(cfg.dataset)
     if not samples:
         raise ConfigError(f"dataset {cfg.dataset.name} split {cfg.dataset.split} has no usable samples "
                           f"({len(skipped)} skipped: {skipped[0]['reason'] if skipped else 'empty'})")
+    models.check_inputs(cfg.model, samples)  # e.g. videos for a family without video input, before any weights
+    claimed = claim_folder(cfg, run_dir)  # only once every check passed: a refused run leaves no run.json
     wandb = None
-    if cfg.logger.name == "wandb":
-        wandb = WandbSink(cfg, run_dir, config_hash(*(cfg[k] for k in HASHED_KEYS)))
     try:
+        if cfg.logger.name == "wandb":
+            wandb = WandbSink(cfg, run_dir, config_hash(*(cfg[k] for k in HASHED_KEYS)))
         summary = _run(cfg, run_dir, pruner, samples, skipped, wandb)
-    except BaseException:
+    except BaseException as err:
         if wandb is not None:
             wandb.finish(exit_code=1)
+        if claimed and isinstance(err, ConfigError):
+            release_folder(run_dir)
         raise
     if wandb is not None:
         wandb.finish(exit_code=0)

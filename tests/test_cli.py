@@ -121,3 +121,32 @@ def test_a_folder_refuses_to_resume_another_run(tmp_path):
     (tmp_path / "run.json").unlink()
     with pytest.raises(ConfigError, match="unknown run"):
         run(compose_config(["keep=0.6", "dataset.limit=2"]), tmp_path)
+
+
+TINY_FAMILIES = ("tiny_qwen2vl", "tiny_qwen2_5vl", "tiny_qwen3vl", "tiny_llava", "tiny_llava15", "tiny_video_llava",
+                 "tiny_internvl", "tiny_llava_onevision")
+
+
+@pytest.mark.slow  # one sweep of every tiny family (~10 s)
+def test_every_tiny_family_runs_pruned_from_the_cli(tmp_path):
+    """Each family's own processor outputs reach its layout (LLaVA-OneVision's image_sizes crashed the runner)."""
+    result = subprocess.run(cli("-m", "prune=clse", "keep=0.5", "dataset.limit=2", f"hydra.sweep.dir={tmp_path}",
+                                "hydra.sweep.subdir=${model.name}", model=",".join(TINY_FAMILIES)),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for model in TINY_FAMILIES:
+        summary = json.loads((tmp_path / model / "summary.json").read_text())
+        retention = summary["retention"]
+        assert summary["n_samples"] == 2 and retention["text_only_samples"] == 0, model
+        assert retention["visual_tokens_in"] > 0 and abs(retention["average"] - 0.5) < 0.05, model
+
+
+@pytest.mark.slow  # a fresh interpreter (~4 s) for what tests/test_runner.py checks in process
+def test_a_video_for_an_image_only_family_is_one_error_line_and_claims_no_folder(tmp_path):
+    result = subprocess.run(cli("prune=clse", "keep=0.333", "dataset.variant=video", f"hydra.run.dir={tmp_path}",
+                                model="tiny_llava15"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clse_exp: error: model tiny_llava15 (family llava) takes image "
+                                                   "input only, but 48 of 48 samples carry a video")
+    assert not (tmp_path / "run.json").exists() and not (tmp_path / "predictions.jsonl").exists()

@@ -108,6 +108,21 @@ def test_multiple_choice_scores_each_choice_as_a_continuation_after_the_pruned_p
     if prune == "none":
         assert right / SIZE >= 0.75
 
+    # like generate requests, the scored ones leave per-request records and a summary the report reads
+    stats_dir = next(out.rglob("*_clse_exp")) / "clse_synthetic_mc"
+    records = [json.loads(line) for line in (stats_dir / "predictions.jsonl").read_text().splitlines()]
+    choices = sum(len(COLOURS) if s.question.startswith("What colour") else len(SHAPES)
+                  for s in synthetic_dataset(SIZE, split="test", qtypes=QTYPES))
+    assert len(records) == choices and {r["doc_id"] for r in records} == set(range(SIZE))
+    assert all(r["continuation"] in (*COLOURS, *SHAPES) and r["loglikelihood"] < 0 and r["prefill_flops"] > 0
+               for r in records)
+    summary = json.loads((stats_dir / "summary.json").read_text())
+    assert (summary["n_samples"], summary["n_requests"]) == (SIZE, choices)
+    assert summary["metrics"]["acc"] == results["acc,none"]
+    assert (summary["efficiency"]["flops_ratio"] == 1.0) == (prune == "none")
+    if prune != "none":
+        assert summary["retention"]["average"] == pytest.approx(0.5, abs=0.05)
+
 
 @pytest.mark.parametrize(("model_args", "named"), [
     ("model=toy_qwen2vl,prune=clse,keep=2", "keep=2.0"),

@@ -151,3 +151,45 @@ def test_report_on_a_folder_without_results_is_a_clear_error(tmp_path):
                             text=True, timeout=120)
     assert result.stderr.strip() == (f"clse_exp.report: error: no summary.json under {tmp_path} "
                                      "(0 runs, 1 point that could not run, 0 crashed/unfinished points)")
+
+
+def with_predictions(folder, answers: dict[str, str], correct: set[str]) -> None:
+    """Give a fake run the predictions.jsonl our runner writes: one record per sample id (the summary's
+    n_samples and accuracy follow), right where the id is in `correct`."""
+    lines = [json.dumps({"id": i, "doc": {"answer": a}, "prediction": a if i in correct else "wrong"})
+             for i, a in answers.items()]
+    (folder / "predictions.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.update(task="synthetic", n_samples=len(answers))
+    summary["metrics"]["accuracy"] = len(correct & set(answers)) / len(answers)
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_relative_is_on_the_shared_samples_or_refused_when_the_sample_sets_differ(tmp_path):
+    answers = {f"s{i}": "red" for i in range(8)}
+    # unpruned on 8 samples, right on s0..s5 (0.75); on the first 4 it is right on all of them (1.0)
+    with_predictions(fake_run(tmp_path, "none", "none", 1.0), answers, {f"s{i}" for i in range(6)})
+    # clse on the first 4 samples, right on 2 of them: 0.5 there; the honest ratio is 0.5 / 1.0, not 0.5 / 0.75
+    with_predictions(fake_run(tmp_path, "clse_k05", "clse", 0.5), dict(list(answers.items())[:4]), {"s0", "s1"})
+    # fastv on 4 samples without predictions.jsonl: no way to compare on common samples
+    fastv = fake_run(tmp_path, "fastv_k05", "fastv", 0.5, 0.25)
+    summary = json.loads((fastv / "summary.json").read_text())
+    (fastv / "summary.json").write_text(json.dumps({**summary, "n_samples": 4}))
+    # dart on the same 8 samples: the plain ratio, no note
+    with_predictions(fake_run(tmp_path, "dart_k05", "dart", 0.5), answers, {"s0", "s1", "s2"})
+
+    _, markdown, frame = report(tmp_path)
+    rows = frame.set_index("method")
+    assert rows.loc["clse", "relative"] == 0.5
+    assert rows.loc["clse", "relative_note"] == "on the 4 samples shared with the unpruned run (4 vs 8 samples)"
+    assert pd.isna(rows.loc["fastv", "relative"])
+    assert rows.loc["fastv", "relative_note"].startswith("no ratio: 4 samples vs the unpruned run's 8")
+    assert "predictions.jsonl does not list exactly the samples its summary counted" in rows.loc["fastv",
+                                                                                                 "relative_note"]
+    assert rows.loc["dart", "relative"] == 0.375 / 0.75 and pd.isna(rows.loc["dart", "relative_note"])
+    # fastv has no ratio, so no row; the note under the table says why
+    assert md_rows(markdown, "### Relative to unpruned") == [["m", "d", "clse", "-", "0.5"],
+                                                             ["m", "d", "dart", "-", "0.5"],
+                                                             ["m", "d", "none", "1", "-"]]
+    assert "- `clse_k05` (clse keep=0.5): on the 4 samples shared with the unpruned run (4 vs 8 samples)" in markdown
+    assert "- `fastv_k05` (fastv keep=0.5): no ratio: 4 samples vs the unpruned run's 8" in markdown

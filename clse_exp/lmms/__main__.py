@@ -26,7 +26,7 @@ from clse_exp.efficiency.accounting import run_costs
 from clse_exp.errors import ConfigError
 from clse_exp.lmms import CLASS_PATH, MODEL_ID
 from clse_exp.lmms.args import parse
-from clse_exp.metrics.positions import positional_summary
+from clse_exp.metrics.retention import retention_summary
 from clse_exp.models import resolve_device
 from clse_exp.tracking.environment import environment
 
@@ -58,20 +58,24 @@ def _set_flag(argv: list[str], flag: str, value: str) -> list[str]:
 
 def summary_for(task: str, records: list[dict], lmms_results: dict, cfg: DictConfig, args: argparse.Namespace,
                 results_file: Path) -> dict:
-    """One task's summary.json, with the fields `python -m clse_exp.report` reads from our own runs."""
+    """One task's summary.json, with the fields `python -m clse_exp.report` reads from our own runs.
+
+    `records` has one line per request; a multiple-choice doc asks one per choice, all with the same pruned
+    prompt, so retention and costs count each doc once (its first request)."""
+    docs: dict[str, dict] = {}
+    for record in records:
+        docs.setdefault(record["id"], record)
+    requests, records = len(records), list(docs.values())
     metrics = {key.split(",")[0]: value for key, value in lmms_results["results"].get(task, {}).items()
                if isinstance(value, int | float) and not isinstance(value, bool)}
-    retention = {}
-    if records and "retention" in records[0]:
-        retention = {k: sum(r["retention"][k] for r in records) / len(records) for k in records[0]["retention"]}
-        retention["visual_tokens_in"] = sum(r["n_visual"] for r in records) / len(records)
-        retention.update(positional_summary(records))
+    retention = retention_summary(records)  # over the samples with visual tokens; text-only ones counted apart
     config = OmegaConf.to_container(cfg, resolve=True)
     config["dataset"] = {"name": task, "loader": "lmms_eval", "include_path": args.include_path, "limit": args.limit}
     config["eval"] = {"reference": False}
     return {
         "task": task,
         "n_samples": len(records),
+        "n_requests": requests,
         "metrics": metrics,
         "retention": retention,
         "efficiency": run_costs(records),

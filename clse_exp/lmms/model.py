@@ -5,10 +5,10 @@ lmms-eval hands `generate_until` every request of a run at once; each request's 
 `Sample` whose images come from `doc_to_visual(doc)`, so the prompt is built by the model family's own
 chat template exactly as in `python -m clse_exp`, batched `--batch_size` at a time (left padding, one
 pruning decision per sample). Decoding is greedy, as the pruning papers evaluate. With `stats_dir`, one
-line per answered request (retention, kept indices, prefill FLOPs, KV bytes) goes to
+line per answered or scored request (retention, kept indices, prefill FLOPs, KV bytes) goes to
 `<stats_dir>/<task>/predictions.jsonl` as it is answered. `loglikelihood` requests (multiple-choice tasks)
 carry the choice in place of the generation kwargs; the prompt is pruned as when answering and the choice is
-teacher-forced after it.
+teacher-forced after it (one line per choice, with its log-likelihood).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from clse_exp.data.video import sample_frames
 from clse_exp.efficiency.accounting import sample_costs
 from clse_exp.generation import batched, continuation_logprobs, decode, generate, prefill_records, prepare
 from clse_exp.lmms.args import parse
-from clse_exp.models import load
+from clse_exp.models import check_inputs, load
 from clse_exp.pruning.build import build_pruner
 
 DEFAULT_MAX_NEW_TOKENS = 128  # lmms-eval 0.7.3 qwen2_vl's default when a task sets none (models/simple/qwen2_vl.py)
@@ -93,19 +93,25 @@ class PrunedLMM(lmms):
         context, _, _, doc_id, task, split = request.args
         images, video = self._visuals(request)
         # lmms-eval contexts may carry LLaVA's <image> placeholder; the chat template places the visuals.
-        return Sample(f"{task}/{split}/{doc_id}", context.replace("<image>", ""), "", images, video)
+        sample = Sample(f"{task}/{split}/{doc_id}", context.replace("<image>", ""), "", images, video)
+        check_inputs(self.cfg.model, [sample])  # a video the family cannot take is refused, never dropped
+        return sample
+
+    def _stats(self, samples: list[Sample], inputs: dict) -> list[dict]:
+        """Per-sample pruning statistics of the batch the model last prefilled from `inputs`."""
+        stats = []
+        for record in prefill_records(self.loaded, inputs, self.pruner):
+            stats.append({"prompt_tokens": record.n_prompt, "batch_size": len(samples),
+                          **(record.as_dict() if self.pruner is not None else {}),
+                          **sample_costs(self.loaded.model.config, record, self.loaded.model.dtype)})
+        return stats
 
     def _answer(self, samples: list[Sample], max_new_tokens: int) -> tuple[list[str], list[dict]]:
         """Greedy answers and per-sample pruning statistics of one batch."""
         inputs = prepare(self.loaded, samples, self.pruner)
         out = generate(self.loaded, inputs, max_new_tokens, self.pruner)
         answers = decode(self.loaded, out.sequences, inputs["input_ids"].shape[1])
-        stats = []
-        for record in prefill_records(self.loaded, inputs, self.pruner):
-            stats.append({"prompt_tokens": record.n_prompt, "batch_size": len(samples),
-                          **(record.as_dict() if self.pruner is not None else {}),
-                          **sample_costs(self.loaded.model.config, record, self.loaded.model.dtype)})
-        return answers, stats
+        return answers, self._stats(samples, inputs)
 
     def _log(self, task: str, records: list[dict]) -> None:
         if self.stats_dir is None:
@@ -147,19 +153,31 @@ class PrunedLMM(lmms):
         decoding gives exactly it), lmms-eval's convention (its llava_hf / llava_onevision models return the
         model's loss; multiple_choice takes the argmin). The prompt is pruned as when answering, then the
         continuation is teacher-forced."""
-        results: list[tuple[float, bool]] = []
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault((request.args[4], request.args[5]), []).append(index)
         progress = tqdm(total=len(requests), desc="Model Scoring", disable=self.rank != 0)
-        for chunk in batched(list(range(len(requests))), self.batch_size):
-            continuations = []
-            for i in chunk:
-                _, target, _, doc_id, task, split = requests[i].args
-                continuations.append(target if isinstance(target, str)
-                                     else target(self.task_dict[task][split][doc_id]))
-            samples = [self._sample(requests[i]) for i in chunk]
-            inputs = prepare(self.loaded, samples, self.pruner)
-            results += [(-c.logprob / c.tokens, c.greedy)
-                        for c in continuation_logprobs(self.loaded, inputs, continuations, self.pruner)]
-            progress.update(len(chunk))
+        for (task, split), indices in groups.items():
+            for chunk in batched(indices, self.batch_size):
+                continuations = []
+                for i in chunk:
+                    _, target, _, doc_id, _, _ = requests[i].args
+                    continuations.append(target if isinstance(target, str)
+                                         else target(self.task_dict[task][split][doc_id]))
+                samples = [self._sample(requests[i]) for i in chunk]
+                inputs = prepare(self.loaded, samples, self.pruner)
+                scored = continuation_logprobs(self.loaded, inputs, continuations, self.pruner)
+                records = []
+                for i, continuation, c, stat in zip(chunk, continuations, scored, self._stats(samples, inputs),
+                                                    strict=True):
+                    results[i] = (-c.logprob / c.tokens, c.greedy)
+                    # one line per request: a multiple-choice doc has one per choice (summaries count docs)
+                    records.append({"id": f"{split}/{requests[i].args[3]}", "task": task, "split": split,
+                                    "doc_id": requests[i].args[3], "continuation": continuation,
+                                    "loglikelihood": c.logprob, "is_greedy": c.greedy, **stat})
+                self._log(task, records)
+                progress.update(len(chunk))
         progress.close()
         # lmms-eval 0.7.3's evaluator turns every response that is not a string or a GenerationResult into
         # str(response) (api/instance.py unwrap_generation_output), which its multiple_choice scoring cannot

@@ -11,8 +11,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from clse_exp.config import validate_model
+from clse_exp.data.sample import Sample
 from clse_exp.errors import ConfigError
-from clse_exp.models.base import LoadedModel, ModelAdapter, VisualSegment
+from clse_exp.models.base import LoadedModel, ModelAdapter, VisualSegment, sample_kinds
 from clse_exp.models.internvl import InternVLAdapter
 from clse_exp.models.llava import LlavaAdapter, VideoLlavaAdapter
 from clse_exp.models.llava_onevision import LlavaOnevisionAdapter
@@ -20,8 +21,8 @@ from clse_exp.models.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from clse_exp.models.qwen3_vl import Qwen3VLAdapter
 from clse_exp.pruning.methods.base import ModelFacts
 
-__all__ = ["LoadedModel", "ModelAdapter", "VisualSegment", "ADAPTERS", "describe", "load", "resolve_device",
-           "resolve_dtype"]
+__all__ = ["LoadedModel", "ModelAdapter", "VisualSegment", "ADAPTERS", "check_inputs", "describe", "load",
+           "resolve_device", "resolve_dtype"]
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     cls.family: cls for cls in (Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaAdapter, VideoLlavaAdapter, Qwen3VLAdapter,
@@ -104,6 +105,20 @@ def describe(cfg: DictConfig | dict) -> ModelFacts:
         raise ConfigError(f"model.path={cfg.path!r}: its config.json is neither on disk nor reachable on the hub "
                           f"({offline}{first}); give a local directory or a cached hub id") from err
     return adapter.facts(config)
+
+
+def check_inputs(cfg: DictConfig | dict, samples: list[Sample]) -> None:
+    """Refuse, before any weights load, samples with a visual input the model family cannot take: its
+    processor would drop it and the model would answer from the text alone."""
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    takes = ADAPTERS[cfg.family].input_kinds
+    for kind in ("image", "video"):
+        carrying = [s.id for s in samples if kind in sample_kinds(s)]
+        if carrying and kind not in takes:
+            able = ", ".join(f for f, adapter in ADAPTERS.items() if kind in adapter.input_kinds)
+            raise ConfigError(f"model {cfg.name} (family {cfg.family}) takes {' and '.join(takes)} input only, but "
+                              f"{len(carrying)} of {len(samples)} samples carry a {kind} (first: {carrying[0]}); "
+                              f"use a dataset without {kind}s or a family that takes them: {able}")
 
 
 def load(cfg: DictConfig | dict, device: str | torch.device = "auto") -> LoadedModel:

@@ -68,8 +68,17 @@ class LoadedModel:
         return len(self.adapter.decoder_layers(self.model))
 
     def prepare(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        """Batch `samples` into model inputs (left padding), on the model's device."""
-        return self.adapter.prepare_inputs(self.processor, samples, self.device)
+        """Batch `samples` into model inputs (left padding), on the model's device.
+
+        Raises ValueError when the processor dropped a sample's images or video (no visual token in its
+        prompt): answered from the text alone, it would otherwise pass for a pruned sample."""
+        inputs = self.adapter.prepare_inputs(self.processor, samples, self.device)
+        check_visuals_reached(self.adapter, samples, self.layout(inputs))
+        return inputs
+
+    def layout(self, inputs: dict) -> list[list[VisualSegment]]:
+        """Per sample, the visual segments of a batch this model's processor prepared."""
+        return self.adapter.layout(self.model, inputs)
 
 
 @dataclass
@@ -94,6 +103,9 @@ class ModelAdapter:
     # (encoder layer, one vision_layer_inputs item) -> its post-RoPE queries and keys [heads, rows, D], for
     # families whose encoder attention a method recomputes from a packed layer input (Qwen-VL); else None
     vision_queries_keys: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
+    input_kinds: tuple[str, ...] = ("image", "video")  # the visual inputs the family's processor and model take
+    # processor outputs besides input_ids that visual_layout() needs (e.g. grids or image sizes)
+    layout_keys: tuple[str, ...] = ()
 
     def facts(self, config: Any) -> ModelFacts:
         """What a pruning method may know about the model, from its config alone (no weights)."""
@@ -141,6 +153,12 @@ class ModelAdapter:
         """Per sample, the visual segments of the prompt, in order."""
         raise NotImplementedError
 
+    def layout(self, model: nn.Module, inputs: dict) -> list[list[VisualSegment]]:
+        """visual_layout() of a processor's output: the family picks the keys it needs (`layout_keys`), so
+        callers never name one family's keys."""
+        return self.visual_layout(model, inputs["input_ids"], **{k: inputs[k] for k in self.layout_keys
+                                                                  if inputs.get(k) is not None})
+
     def build_messages(self, sample: Sample) -> list[dict]:
         """The chat for one sample: the images (or video) first, then the question."""
         content: list[dict] = [{"type": "image"} for _ in sample.images]
@@ -164,6 +182,20 @@ class ModelAdapter:
             kwargs["videos"] = videos
         processor.tokenizer.padding_side = "left"
         return processor(**kwargs).to(device)
+
+
+def sample_kinds(sample: Sample) -> list[str]:
+    """The visual input kinds a sample carries ("image", "video"); empty for a text-only question."""
+    return (["image"] if sample.images else []) + (["video"] if sample.video is not None else [])
+
+
+def check_visuals_reached(adapter: ModelAdapter, samples: list[Sample], layout: list[list[VisualSegment]]) -> None:
+    """Refuse a batch in which a sample with images or a video has no visual token in its prompt."""
+    for sample, segments in zip(samples, layout, strict=True):
+        if sample_kinds(sample) and not segments:
+            raise ValueError(f"sample {sample.id!r}: the {adapter.family} processor dropped its "
+                             f"{' and '.join(sample_kinds(sample))} (no visual token in the prompt); model family "
+                             f"{adapter.family!r} takes: {', '.join(adapter.input_kinds)}")
 
 
 def runs_of(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:

@@ -15,6 +15,7 @@ class LlavaAdapter(ModelAdapter):
 
     family = "llava"
     token_pixels = 14  # one CLIP patch per visual token
+    input_kinds = ("image",)  # LLaVA-1.5's processor has no video input: it would drop the frames
 
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         return {"image": model.config.image_token_id}
@@ -57,6 +58,7 @@ class VideoLlavaAdapter(LlavaAdapter):
     frames' patch tokens (T, 16, 16); the CLS tokens belong to no grid and are never pruned."""
 
     family = "video_llava"
+    input_kinds = ("image", "video")
 
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         return {"image": model.config.image_token_id, "video": model.config.video_token_id}

@@ -30,6 +30,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
     """
 
     family = "llava_onevision"
+    layout_keys = ("image_sizes", "batch_num_images")  # where the newlines are (see visual_layout)
 
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         return {"image": model.config.image_token_id, "video": model.config.video_token_id}

@@ -18,6 +18,7 @@ class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     mrope = True
     encoder_kinds = ("image", "video")  # one tower: the images of a batch, then its videos
+    layout_keys = ("image_grid_thw", "video_grid_thw")
 
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         return {"image": model.config.image_token_id, "video": model.config.video_token_id}
