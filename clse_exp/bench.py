@@ -30,6 +30,7 @@ from clse_exp.api import make_pruner
 from clse_exp.config import validate_device
 from clse_exp.data.sample import Sample
 from clse_exp.efficiency.accounting import sample_costs
+from clse_exp.efficiency.counts import generate_phases
 from clse_exp.efficiency.ideal import IdealUnavailable, Segments, ideal_text_model, segments_from_trace
 from clse_exp.efficiency.kv_cache import analytic_kv_bytes
 from clse_exp.efficiency.memory import peak_memory_bytes, reset_peak
@@ -47,6 +48,9 @@ PREFILL_COLUMNS = ("method", "keep", "retention_average", "prefill_s", "ideal_s"
                    "ideal_time_ratio", "flops_ratio", *OVERHEAD)
 DECODE_COLUMNS = ("method", "keep", "decode_tokens_per_s", "decode_time_ratio", "kv_mib_per_sample", "kv_ratio",
                   "max_batch", "peak_mib")
+COUNT_PHASES = ("vision", "prefill", "decode_step")
+COUNT_COLUMNS = ("method", "keep", *(f"{phase}_{kind}" for phase in COUNT_PHASES for kind in ("kernels", "syncs")),
+                 "prefill_extra_kernels", "decode_extra_kernels", "host_ops")
 
 
 # --------------------------------------------------------------------------------------------- model and inputs
@@ -222,21 +226,49 @@ def _probe(method: str, keep: float, cfg: DictConfig, loaded: models.LoadedModel
     return pruner
 
 
+def count_generate(loaded: models.LoadedModel, inputs: dict, pruner: Pruner | None, decode_tokens: int) -> dict:
+    """Kernels and host syncs per phase of one generate() (deterministic; see clse_exp.efficiency.counts):
+    the vision towers, the prefill (towers excluded), one decode step (the mean over `decode_tokens` steps),
+    and the ops run on host copies (the engine's layout)."""
+    with generate_phases(loaded.model, loaded.adapter.vision_towers(loaded.model)) as tally:
+        generate(loaded, inputs, decode_tokens + 1, pruner, min_new_tokens=decode_tokens + 1, stop=False)
+    decode = tally.get("decode")
+    out = {f"{phase}_{kind}": getattr(tally.get(phase), kind) for phase in ("vision", "prefill")
+           for kind in ("kernels", "syncs")}
+    out.update(decode_step_kernels=decode.kernels / decode_tokens, decode_step_syncs=decode.syncs / decode_tokens,
+               host_ops=tally.get("host").ops,
+               sync_sites={phase: dict(tally.get(phase).sync_ops) for phase in ("prefill", "decode")})
+    return out
+
+
 def rows_for(loaded: models.LoadedModel, samples: list[Sample], cfg: DictConfig) -> list[dict]:
     """The unpruned row, then every method x keep on the same samples (as each method feeds them)."""
     inputs = loaded.prepare(samples)
-    base = measure(loaded, inputs, cfg)
+    base = measure(loaded, inputs, cfg) if cfg.repeats else None
     weights = weight_bytes(loaded.model)
-    rows = [{"method": "none", "keep": 1.0, **_ratios(base, base, cfg, len(samples), weights)}]
+    stock = count_generate(loaded, inputs, None, cfg.decode_tokens) if cfg.counts else None
+    rows = [{"method": "none", "keep": 1.0, **(_ratios(base, base, cfg, len(samples), weights) if base else {}),
+             **(_with_extra(stock, stock) if stock else {})}]
     for method in cfg.methods:
         for keep in cfg.keeps:
             pruner = _probe(method, keep, cfg, loaded)
             if isinstance(pruner, str):
                 rows.append({"method": method, "keep": keep, "skipped": pruner})
                 continue
-            result = measure(loaded, prepare(loaded, samples, pruner), cfg, pruner)
-            rows.append({"method": method, "keep": keep, **_ratios(result, base, cfg, len(samples), weights)})
+            fed = prepare(loaded, samples, pruner)
+            row = {"method": method, "keep": keep}
+            if base is not None:
+                row.update(_ratios(measure(loaded, fed, cfg, pruner), base, cfg, len(samples), weights))
+            if stock is not None:
+                row.update(_with_extra(count_generate(loaded, fed, pruner, cfg.decode_tokens), stock))
+            rows.append(row)
     return rows
+
+
+def _with_extra(counts: dict, stock: dict) -> dict:
+    """The counts, and the kernels the pruned run launched beyond the stock one (prefill and per decode step)."""
+    return {**counts, "prefill_extra_kernels": counts["prefill_kernels"] - stock["prefill_kernels"],
+            "decode_extra_kernels": counts["decode_step_kernels"] - stock["decode_step_kernels"]}
 
 
 def _ratios(result: dict, base: dict, cfg: DictConfig, batch: int, weights: int) -> dict:
@@ -267,6 +299,9 @@ def _ratios(result: dict, base: dict, cfg: DictConfig, batch: int, weights: int)
 # ---------------------------------------------------------------------------------------------------- output
 LEGEND = """\
 ideal_s: the stock layers on the same per-layer token counts, no hooks, no scoring, no mask but the causal one.
+counts (deterministic; `counts=true`): kernels (aten ops that launch device work) and host syncs (scalar reads,
+data-dependent shapes, uploads) of one generate() per phase; *_extra_kernels: beyond the unpruned run's;
+host_ops: ops on host copies (the engine's layout of the prompt, read once per prefill).
 engine_overhead = prefill_s / ideal_s - 1 (median of within-repeat ratios) = scoring (the stages: select,
 shrink, the cut's gather) + masks_gathers (per-layer rotary, positions, mask) + hooks (the rest of the hook
 bodies) + unexplained (hook dispatch, cache effects, noise; on the `none` row: the stock text model's own
@@ -278,7 +313,11 @@ max_batch: floor((memory_budget_gb - weights) / KV bytes per sample after a deco
 def markdown(tables: list[dict]) -> str:
     lines = [LEGEND]
     for table in tables:
-        for title, columns in (("prefill", PREFILL_COLUMNS), ("decode and KV", DECODE_COLUMNS)):
+        timed = any("prefill_s" in row for row in table["rows"])
+        counted = any("prefill_kernels" in row for row in table["rows"])
+        sections = ((("prefill", PREFILL_COLUMNS), ("decode and KV", DECODE_COLUMNS)) if timed else ()) + (
+            (("counts", COUNT_COLUMNS),) if counted else ())
+        for title, columns in sections:
             lines += [f"{table['header']} | {title}", "", "| " + " | ".join(columns) + " |",
                       "|" + "---|" * len(columns)]
             for row in table["rows"]:
@@ -291,7 +330,7 @@ def markdown(tables: list[dict]) -> str:
         lines += [f"no ideal time: {note}" for note in notes]
         lines += [f"{row['method']} {row['keep']}: flops_ratio_with_aux {_cell(row['flops_ratio_with_aux'])} (FLOPs "
                   "it ran outside the model, e.g. a CLIP text tower, counted in)" for row in table["rows"]
-                  if "skipped" not in row and row["flops_ratio_with_aux"] != row["flops_ratio"]]
+                  if "flops_ratio" in row and row["flops_ratio_with_aux"] != row["flops_ratio"]]
     return "\n".join(lines) + "\n"
 
 
@@ -309,7 +348,7 @@ def plot(tables: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4.5), squeeze=False)
     for ax, table in zip(axes[0], tables, strict=True):
-        measured = [r for r in table["rows"] if "skipped" not in r and r["method"] != "none"]
+        measured = [r for r in table["rows"] if "prefill_time_ratio" in r and r["method"] != "none"]
         for method in dict.fromkeys(r["method"] for r in measured):
             points = [p for p in measured if p["method"] == method]
             line = ax.plot([p["flops_ratio"] for p in points], [p["prefill_time_ratio"] for p in points], "o-",
@@ -336,9 +375,11 @@ def flash_available() -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Everything checkable before a model is built: one line naming the bad value."""
-    for key, low in (("repeats", 1), ("warmup", 0), ("decode_tokens", 1), ("visual_tokens", 4), ("images", 1)):
+    for key, low in (("repeats", 0), ("warmup", 0), ("decode_tokens", 1), ("visual_tokens", 4), ("images", 1)):
         if cfg[key] < low:
             raise ConfigError(f"{key}={cfg[key]} must be >= {low}")
+    if cfg.repeats == 0 and not cfg.counts:
+        raise ConfigError("repeats=0 with counts=false measures nothing: time (repeats >= 1) or count (counts=true)")
     for key in ("batch_sizes", "attn_implementations", "methods", "keeps"):
         if not OmegaConf.is_list(cfg[key]):
             raise ConfigError(f"{key}={cfg[key]} must be a list, e.g. {key}=[{cfg[key]}]")
@@ -407,7 +448,7 @@ def main(cfg: DictConfig) -> None:
     (out / "bench.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg), "tables": tables,
                                                 "notes": notes}, indent=2))
     (out / "bench.md").write_text(text)
-    if tables:
+    if any("prefill_time_ratio" in row for table in tables for row in table["rows"]):
         plot(tables, out / "bench.png")
     print(text)
     print(f"written to {out}")

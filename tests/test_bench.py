@@ -233,14 +233,14 @@ def test_time_calls_times_the_callables_a_factory_returns():
 
 
 @pytest.mark.parametrize(("override", "fragment"), [
-    ("repeats=0", "repeats=0"), ("warmup=-1", "warmup=-1"), ("batch_sizes=[0]", "batch_sizes=[0]"),
+    ("repeats=-1", "repeats=-1"), ("repeats=0 counts=false", "measures nothing"), ("warmup=-1", "warmup=-1"), ("batch_sizes=[0]", "batch_sizes=[0]"),
     ("batch_sizes=1", "must be a list"), ("images=0", "images=0"), ("methods=[foo]", "'foo'"),
     ("keeps=[1.5]", "keep=1.5"), ("protocol=paper", "'paper'"), ("model.scale=0", "model.scale=0"),
     ("memory_budget_gb=-1", "memory_budget_gb=-1"), ("attn_implementations=[flashy]", "'flashy'"),
     ("model.family=internvl", "'internvl'.*qwen2_vl, qwen2_5_vl, qwen3_vl, llava"),
 ])
 def test_bad_bench_settings_are_one_line_before_a_model_is_built(override, fragment):
-    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "bench.yaml"), OmegaConf.from_dotlist([override]))
+    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "bench.yaml"), OmegaConf.from_dotlist(override.split()))
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
         validate(cfg)
 

@@ -101,7 +101,10 @@ class MaskedRagged(Pruner):
         generated = torch.ones(prompt.idx.shape[0], state.generated, dtype=torch.bool)
         key_valid = torch.cat([prompt.valid & survives, generated], 1)
         return {"attention_mask": backend_mask(decode_pairs(key_valid, state.step_length), key_valid,
-                                               implementation, hidden.dtype)}
+                                               implementation, hidden.dtype, padded=True)}
+
+    def _remove_layer_hooks(self):  # the oracle's masks are per layer at every decode step
+        pass
 
 
 @pytest.mark.parametrize(("name", "attn", "batch"), slow_except(

@@ -32,20 +32,20 @@ def decode_pairs(key_valid: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def backend_mask(
-    allowed: torch.Tensor, key_valid: torch.Tensor, implementation: str, dtype: torch.dtype
+    allowed: torch.Tensor, key_valid: torch.Tensor, implementation: str, dtype: torch.dtype, padded: bool
 ) -> torch.Tensor | None:
     """The mask to hand a decoder layer, or None when the backend's own causal path is exact.
 
     sdpa: bool (True = attend); eager: additive float; flash_attention_2: the 2-D [B, K] padding mask.
-    With no padding, a square prefill on sdpa/flash runs causal by itself and one decoded token needs no mask.
+    With no padding (`padded`, known on the host: reading it from `key_valid` would stall the device), a square
+    prefill on sdpa/flash runs causal by itself and one decoded token needs no mask.
     """
-    no_padding = bool(key_valid.all())
     if implementation == "eager":
         zero = torch.zeros((), dtype=dtype, device=allowed.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)
     if implementation.startswith("flash"):
-        return None if no_padding else key_valid.long()
+        return key_valid.long() if padded else None
     queries, keys = allowed.shape[-2:]
-    if no_padding and queries in (1, keys):
+    if not padded and queries in (1, keys):
         return None
     return allowed

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from clse_exp.pruning.attention import post_rope_keys, query_attention
-from clse_exp.pruning.slots import Slots
+from clse_exp.pruning.slots import Slots, gather_rows, positions_of
 
 
 @dataclass
@@ -59,16 +59,51 @@ class StageContext:
     attention_dtype: torch.dtype | None = None  # cast probabilities to it before the head mean (official code)
     protocol: str = "uniform"
     family: str = ""
-    prompt_start: torch.Tensor | None = None  # [B] sequence index of each sample's first real token
     # per sample, (first, last) sequence index of each visual segment: the non-visual tokens inside one (a
     # Video-LLaVA frame's CLS token) belong to the image or video, not to the text around it
     segment_spans: list[list[tuple[int, int]]] = field(default_factory=list)
+    # host-known counts (the engine tracks them, so no accessor reads the device): current visual and real text
+    # tokens per sample, and each sample's first real slot (its left padding)
+    n_current: list[int] = field(default_factory=list)
+    n_text: list[int] = field(default_factory=list)
+    first_slot: list[int] = field(default_factory=list)
+    keep_counts: torch.Tensor | None = None  # [B] on the device: the visual tokens each sample keeps here
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        """A context built outside the engine (tests, tools) reads its counts from the device once."""
+        if not self.n_current:
+            self.n_current = self.is_visual.sum(1).tolist()
+        if not self.n_text:
+            self.n_text = (self.slots.valid & ~self.is_visual).sum(1).tolist()
+        if self.keep_counts is None:
+            self.keep_counts = self.is_visual.sum(1)
+
+    @property
+    def visual_slots(self) -> torch.Tensor:
+        """[B, max n_b] slot positions of each sample's current visual tokens, ascending; row b is valid up to
+        n_current[b] (filler after)."""
+        if "visual_slots" not in self._cache:
+            self._cache["visual_slots"] = positions_of(self.is_visual, max(self.n_current, default=0))
+        return self._cache["visual_slots"]
+
+    @property
+    def visual_valid(self) -> torch.Tensor:
+        """[B, max n_b] which entries of `visual_slots` are real visual tokens."""
+        counts = self.is_visual.sum(1, keepdim=True)
+        return torch.arange(self.visual_slots.shape[1], device=counts.device)[None] < counts
+
+    @property
+    def text_slots(self) -> torch.Tensor:
+        """[B, max t_b] slot positions of each sample's real non-visual tokens, ascending (filler after)."""
+        if "text_slots" not in self._cache:
+            self._cache["text_slots"] = positions_of(self.slots.valid & ~self.is_visual, max(self.n_text, default=0))
+        return self._cache["text_slots"]
 
     # ------------------------------------------------------------------------------ positions
     def visual_positions(self, b: int) -> torch.Tensor:
         """Slot positions of sample b's current visual tokens, ascending."""
-        return self.is_visual[b].nonzero().flatten()
+        return self.visual_slots[b, : self.n_current[b]]
 
     def original_index(self, b: int) -> torch.Tensor:
         """Index of each current visual token among the sample's ORIGINAL visual tokens."""
@@ -76,7 +111,7 @@ class StageContext:
 
     def text_positions(self, b: int) -> torch.Tensor:
         """Slot positions of sample b's real non-visual tokens (system prompt, question, template)."""
-        return (self.slots.valid[b] & ~self.is_visual[b]).nonzero().flatten()
+        return self.text_slots[b, : self.n_text[b]]
 
     def outside_segments(self, b: int, positions: torch.Tensor) -> torch.Tensor:
         """The slot `positions` whose tokens lie outside every visual segment's span (e.g. drops CLS tokens)."""
@@ -89,19 +124,18 @@ class StageContext:
     def sequence_index(self, b: int, positions: torch.Tensor) -> torch.Tensor:
         """Index of the tokens at slot `positions` in the sample's own unpadded prompt (as the official
         batch-1 codes number them)."""
-        start = 0 if self.prompt_start is None else int(self.prompt_start[b])
-        return self.slots.idx[b, positions] - start
+        return self.slots.idx[b, positions] - (self.first_slot[b] if self.first_slot else 0)
 
     def grids(self, b: int) -> list[tuple[int, int, int]]:
         """Sample b's visual grids (T, H, W), in prompt order; only defined before any visual token is cut."""
-        if len(self.visual_positions(b)) != self.n_visual[b]:
+        if self.n_current[b] != self.n_visual[b]:
             raise RuntimeError(f"grids are undefined at layer {self.layer}: visual tokens were already cut")
         return self.grids_per_sample[b]
 
     def generator(self, b: int) -> torch.Generator:
         """A fresh generator seeded by (seed, stage, n_b): same draw for a sample alone or in any batch."""
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(self.seed * 1_000_003 + self.stage_index * 10_007 + len(self.visual_positions(b)))
+        gen.manual_seed(self.seed * 1_000_003 + self.stage_index * 10_007 + self.n_current[b])
         return gen
 
     def vision_inputs(self, b: int, layer: int) -> list[Any]:
@@ -136,13 +170,30 @@ class StageContext:
         """[n_b] float32: the last prompt token's head-averaged attention over the current visual tokens
         in `layer` (default K-1), softmax over all keys."""
         layer = self.layer - 1 if layer is None else layer
+        capture = self._capture(layer)
+        return self._last_query_rows(layer)[b, self._in_capture(capture, b, None)]
+
+    def attention_batch(self, layer: int | None = None) -> torch.Tensor:
+        """[B, max n_b] float32: `attention` for every sample at once, in `visual_slots` order (entries past a
+        sample's count are filler)."""
+        layer = self.layer - 1 if layer is None else layer
+        capture = self._capture(layer)
+        return self._last_query_rows(layer).gather(1, self._visual_in_capture(capture))
+
+    def _last_query_rows(self, layer: int) -> torch.Tensor:
+        """[B, L] the last prompt token's head-averaged attention over every slot of `layer`'s input (cached)."""
         if ("last", layer) not in self._cache:
             capture = self._capture(layer)
             batch, length = capture.slots.idx.shape
             last = torch.full((batch, 1), length - 1, dtype=torch.long, device=capture.hidden.device)
             self._cache[("last", layer)] = self._attend(layer, capture, last)[:, 0]
-        capture = self._capture(layer)
-        return self._cache[("last", layer)][b, self._in_capture(capture, b, None)]
+        return self._cache[("last", layer)]
+
+    def visual_hidden(self, layer: int | None = None) -> torch.Tensor:
+        """[B, max n_b, C] the current visual tokens' hidden states at the input of `layer` (default K), in
+        `visual_slots` order (filler rows past a sample's count)."""
+        capture = self._capture(self.layer if layer is None else layer)
+        return gather_rows(capture.hidden, self._visual_in_capture(capture))
 
     def current_layer_attention(self, b: int) -> torch.Tensor:
         """[n_b] float32: like `attention`, with layer K's own norm, projections and RoPE (PDrop)."""
@@ -183,10 +234,16 @@ class StageContext:
             return positions
         return capture.slots.lookup(self.slots.idx[b, positions], b)
 
+    def _visual_in_capture(self, capture: Capture) -> torch.Tensor:
+        """[B, max n_b] slot positions in `capture` of the current visual tokens (filler entries: any slot)."""
+        if capture.slots is self.slots:
+            return self.visual_slots
+        return capture.slots.lookup_all(self.slots.idx.gather(1, self.visual_slots)).clamp(min=0)
+
     def _attend(self, layer: int, capture: Capture, queries: torch.Tensor) -> torch.Tensor:
         return query_attention(self.layers[layer], capture.hidden, capture.cos, capture.sin, capture.slots.valid,
                                queries, self.attention_dtype)
 
 
 def _one(slots: Slots, b: int) -> Slots:
-    return Slots(slots.idx[b : b + 1], slots.valid[b : b + 1])
+    return Slots(slots.idx[b : b + 1], slots.valid[b : b + 1], slots.length)

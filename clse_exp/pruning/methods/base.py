@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from clse_exp.errors import ConfigError, choose_one
 
@@ -82,6 +83,59 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class BatchSelection:
+    """A stage's choice for the whole batch, padded to the largest kept count K.
+
+    order [B, K]: positions into each sample's current visual tokens (`ctx.visual_slots` order) in the order the
+    kept tokens will sit; row b holds counts[b] real entries, then the filler `width` (the width of
+    ctx.visual_slots, past every real position), so the device tells real entries without asking the host.
+    counts: kept tokens per sample (host). hidden [B, K, C]: replacement rows or None (the tokens' own states).
+    """
+
+    order: torch.Tensor
+    counts: list[int]
+    width: int
+    hidden: torch.Tensor | None = None
+    aux_flops: list[int] | None = None
+
+
+def top_k(scores: torch.Tensor, ctx: Any, budgets: list[int | None]) -> BatchSelection:
+    """Each sample's `budgets[b]` highest `scores` among its current visual tokens (all of them where None), as
+    a set in ascending position order: one top-k and one sort for the batch, nothing read back to the host."""
+    counts = [n if k is None else min(k, n) for k, n in zip(budgets, ctx.n_current, strict=True)]
+    width = scores.shape[1]
+    keep = max(counts, default=0)
+    if keep == 0:
+        return BatchSelection(scores.new_zeros(len(counts), 0, dtype=torch.long), counts, width)
+    valid = ctx.visual_valid
+    limit = ctx.keep_counts[:, None]  # [B, 1] on the device: the counts above
+    ranked = scores.float().masked_fill(~valid, float("-inf"))
+    # a sample that keeps every token ranks them all equal, so the top-k takes each of them
+    ranked = torch.where((limit == valid.sum(1, keepdim=True)) & valid, torch.zeros_like(ranked), ranked)
+    picks = ranked.topk(keep, dim=1).indices
+    picks = torch.where(torch.arange(keep, device=scores.device)[None] < limit, picks, width)
+    return BatchSelection(picks.sort(dim=1).values, counts, width)
+
+
+def pack(selections: list[Selection | None], ctx: Any) -> BatchSelection:
+    """Per-sample selections (None: the sample keeps every current visual token) as one BatchSelection."""
+    width = ctx.visual_slots.shape[1]
+    device = ctx.hidden.device
+    orders = [torch.arange(n, device=device) if s is None else s.order.to(device)
+              for s, n in zip(selections, ctx.n_current, strict=True)]
+    counts = [len(order) for order in orders]
+    keep = max(counts, default=0)
+    padded = torch.stack([F.pad(order, (0, keep - len(order)), value=width) for order in orders])
+    hidden = None
+    if any(s is not None and s.hidden is not None for s in selections):
+        rows = [s.hidden if s is not None and s.hidden is not None else ctx.hidden_states(b)[order]
+                for b, (s, order) in enumerate(zip(selections, orders, strict=True))]
+        hidden = torch.stack([F.pad(r.to(ctx.hidden.dtype), (0, 0, 0, keep - len(r))) for r in rows])
+    aux = [0 if s is None else s.aux_flops for s in selections]
+    return BatchSelection(padded, counts, width, hidden, aux)
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """What a method may know about the model it is bound to, read from the model's config (no weights)."""
 
@@ -138,6 +192,32 @@ class PruningMethod:
     def check_budget(self, keep: float, budget: str, layers: Layers, facts: ModelFacts, official: bool) -> None:
         """Raise ConfigError when the official count rule cannot express this budget."""
 
+    def count_departure(self, n_visual: int, keep: float, budget: str, layers: Layers, facts: ModelFacts,
+                        counts: list[int | None]) -> str | None:
+        """Why the official per-stage `counts` for a sample of `n_visual` tokens do not stand for `keep`
+        beyond the rule's own rounding (e.g. a formula that degenerates on this image), or None. The engine
+        flags such a sample's record (`budget_unreachable`) and logs the first reason once per run."""
+        return None
+
+    def keep_ignored(self, official: bool) -> str | None:
+        """Why, under these options, the count this method keeps does not follow `keep` at all (an adaptive
+        official rule), or None. Every sample is then flagged and the run logs the reason once."""
+        return None
+
+    def run_notice(self, layers: Layers, facts: ModelFacts) -> str | None:
+        """A line the run logs once, when it first plans a sample (e.g. official rules carried to another depth),
+        or None: a choice the method made for the run that the config alone does not show."""
+        return None
+
+    def unread_reference_layer(self) -> str | None:
+        """Why no selection reads `layers.reference_layer` under these options, or None when one does; only
+        then may a user set it (a knob nothing reads would label a run with a setting it never used)."""
+        return f"prune={self.name} reads no reference layer (only CLSE's spectral scores do)"
+
+    def check_inputs(self, videos: bool) -> None:
+        """Raise ConfigError for a knob that cannot apply to the dataset's inputs (`videos`: whether it holds
+        any video), so the run stops before any weights load."""
+
     def rules(self, protocol: str, facts: ModelFacts) -> Rules:
         """Positions and KV policy of the official code (uniform: original positions, ragged)."""
         return Rules()
@@ -160,13 +240,35 @@ class PruningMethod:
         return samples, [None] * len(samples)
 
     # --------------------------------------------------------------------------------- selection
+    def batch_scores(self, ctx: Any) -> torch.Tensor | None:
+        """[B, max n_b] importance of every sample's current visual tokens (`ctx.visual_slots` order; entries past
+        a sample's count are ignored), computed for the whole batch at once; None: the method scores per sample."""
+        return None
+
     def scores(self, ctx: Any, b: int) -> torch.Tensor:
         """[n_b] importance of sample b's current visual tokens; higher is kept."""
-        raise NotImplementedError
+        scores = self.batch_scores(ctx)
+        if scores is None:
+            raise NotImplementedError(f"prune={self.name} implements neither scores, batch_scores nor select")
+        return scores[b, : ctx.n_current[b]]
 
     def select(self, ctx: Any, b: int, k: int) -> torch.Tensor | Selection:
         """Positions (into sample b's current visual tokens) of the k tokens to keep, or a Selection."""
         return self.scores(ctx, b).float().topk(k).indices
+
+    def select_batch(self, ctx: Any, budgets: list[int | None]) -> BatchSelection:
+        """Every sample's choice at once (`budgets[b]`: tokens to keep, None: no cut for sample b). Methods with
+        `batch_scores` take one batched top-k; the others are asked sample by sample (`select`)."""
+        scores = self.batch_scores(ctx)
+        if scores is not None:
+            return top_k(scores, ctx, budgets)
+        selections: list[Selection | None] = []
+        for b, k in enumerate(budgets):
+            choice = None if k is None else self.select(ctx, b, k)
+            if isinstance(choice, torch.Tensor):  # a set of tokens: they keep their original order
+                choice = Selection(choice.sort().values)
+            selections.append(choice)
+        return pack(selections, ctx)
 
 
 def fraction_of_depth(fractions: tuple[float, ...], num_layers: int) -> tuple[int, ...]:

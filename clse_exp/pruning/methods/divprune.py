@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from clse_exp.pruning.methods.base import ModelFacts, PruningMethod, Rules
+from clse_exp.pruning.methods.base import BatchSelection, ModelFacts, PruningMethod, Rules
 from clse_exp.pruning.signals import StageContext
 
 
@@ -63,6 +63,23 @@ def greedy_farthest(distance: torch.Tensor, first: torch.Tensor, k: int, exclude
     return picks
 
 
+def batched_greedy_farthest(distance: torch.Tensor, first: torch.Tensor, k: int, exclude_picked: bool
+                            ) -> torch.Tensor:
+    """`greedy_farthest` for a batch: distance [B, N, N], first [B] -> picks [B, k], a fixed number of kernels
+    per pick whatever the batch size, none reading the device."""
+    batch, n, _ = distance.shape
+    picks = torch.empty(batch, k, dtype=torch.long, device=distance.device)
+    nxt = first[:, None]
+    to_picked = torch.full((batch, n), float("inf"), dtype=distance.dtype, device=distance.device)
+    for i in range(k):
+        picks[:, i : i + 1] = nxt
+        to_picked = torch.minimum(to_picked, distance.gather(1, nxt[:, :, None].expand(-1, 1, n))[:, 0])
+        if exclude_picked:
+            to_picked.scatter_(1, nxt, float("-inf"))
+        nxt = to_picked.argmax(1, keepdim=True)
+    return picks
+
+
 class DivPrune(PruningMethod):
     """Runs at the LLM input (layer 0): the features are the projector outputs."""
 
@@ -78,3 +95,34 @@ class DivPrune(PruningMethod):
         if ctx.protocol == "official":
             return official_max_min(ctx.hidden_states(b), k)
         return max_min_diverse(ctx.hidden_states(b), k)
+
+    def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
+        """The greedy for every sample at once: one [B, N, N] distance and k_max steps of batched kernels
+        (the per-sample greedy's arithmetic, samples padded to the longest and their padding never picked)."""
+        counts = [n if k is None else k for k, n in zip(budgets, ctx.n_current, strict=True)]
+        width, keep = ctx.visual_slots.shape[1], max(counts, default=0)
+        if keep == 0:
+            return BatchSelection(ctx.visual_slots[:, :0], counts, width)
+        valid = ctx.visual_valid
+        features = ctx.visual_hidden()
+        official = ctx.protocol == "official"
+        if official:
+            unit = features / features.norm(dim=-1, keepdim=True)
+        else:
+            unit = torch.nn.functional.normalize(features.float(), dim=-1)
+        distance = 1.0 - unit @ unit.transpose(1, 2)
+        pair = valid[:, :, None] & valid[:, None, :]
+        if official:  # the column's second-smallest entry over real rows; padding columns never win
+            column = distance.masked_fill(~pair, float("inf")).topk(2, dim=1, largest=False).values[:, 1]
+            first = column.masked_fill(~valid, float("-inf")).argmax(1)
+        else:
+            eye = torch.eye(width, dtype=torch.bool, device=distance.device)
+            nearest = distance.masked_fill(eye | ~pair, float("inf")).min(2).values
+            first = nearest.masked_fill(~valid, float("-inf")).argmax(1)
+        distance = distance.masked_fill(~valid[:, None, :], float("-inf"))  # padding is never the farthest
+        picks = batched_greedy_farthest(distance, first, keep, exclude_picked=not official)
+        limit = ctx.keep_counts[:, None]
+        order = torch.arange(keep, device=picks.device)[None]
+        picks = torch.where(limit == valid.sum(1, keepdim=True), order, picks)  # a sample left whole keeps all
+        picks = torch.where(order < limit, picks, width)
+        return BatchSelection(picks.sort(dim=1).values, counts, width)

@@ -19,5 +19,5 @@ class FastV(PruningMethod):
     def default_layers(self, facts: ModelFacts) -> Layers:
         return Layers(0, (2,) if facts.num_layers > 2 else (1,))
 
-    def scores(self, ctx: StageContext, b: int) -> torch.Tensor:
-        return ctx.attention(b)
+    def batch_scores(self, ctx: StageContext) -> torch.Tensor:
+        return ctx.attention_batch()

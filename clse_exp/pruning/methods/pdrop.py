@@ -45,8 +45,8 @@ class PDrop(PruningMethod):
     def capture_layers(self, layers: Layers) -> set[int]:
         return set()  # the stage's own layer input is the current hidden state
 
-    def scores(self, ctx: StageContext, b: int) -> torch.Tensor:
-        return ctx.current_layer_attention(b)
+    def batch_scores(self, ctx: StageContext) -> torch.Tensor:
+        return ctx.attention_batch(layer=ctx.layer)
 
 
 def solve_lambda(keep: float, budget: str, prune_layers: tuple[int, ...], num_layers: int) -> float:
