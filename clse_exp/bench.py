@@ -48,6 +48,8 @@ PREFILL_COLUMNS = ("method", "keep", "retention_average", "prefill_s", "ideal_s"
                    "ideal_time_ratio", "flops_ratio", *OVERHEAD)
 DECODE_COLUMNS = ("method", "keep", "decode_tokens_per_s", "decode_time_ratio", "kv_mib_per_sample", "kv_ratio",
                   "max_batch", "peak_mib")
+SERVING_COLUMNS = ("method", "keep", "prefill_s", "vision_s", "scoring_s", "llm_s", "decode_tokens_per_s",
+                   "throughput_tokens_per_s", "prefill_time_ratio", "decode_time_ratio", "peak_mib")
 COUNT_PHASES = ("vision", "prefill", "decode_step")
 COUNT_COLUMNS = ("method", "keep", *(f"{phase}_{kind}" for phase in COUNT_PHASES for kind in ("kernels", "syncs")),
                  "prefill_extra_kernels", "decode_extra_kernels", "host_ops")
@@ -124,8 +126,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------------- measuring
 def _layout(loaded: models.LoadedModel, inputs: dict) -> list:
-    grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw") if k in inputs}
-    return loaded.adapter.visual_layout(loaded.model, inputs["input_ids"], **grids)
+    return loaded.layout(inputs)
 
 
 def _ideal_prefill(loaded: models.LoadedModel, inputs: dict, segments: Segments) -> float:
@@ -155,12 +156,15 @@ def engine_clock(pruner: Pruner | None) -> Iterator[dict[str, list[tuple[float, 
         yield logs
 
 
-def measure(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig, pruner: Pruner | None = None) -> dict:
+def measure(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig, pruner: Pruner | None = None,
+            stock_inputs: dict | None = None) -> dict:
     """Medians over repeats of prefill, ideal prefill and decode time, and the engine overhead split, each a
     median of within-repeat ratios to the ideal prefill: `scoring` (the stages: select, shrink, the cut's
     gather), `masks_gathers` (per-layer rotary/position/mask kwargs), `hooks` (the rest of the hook bodies:
     layout, slot bookkeeping, records) and `unexplained` (total minus those: hook dispatch, cache effects,
-    noise), so the four sum to `engine_overhead`."""
+    noise), so the four sum to `engine_overhead`. With `stock_inputs` (`interleave=true`) every repeat also
+    times the unpruned model on them, alternating which goes first, and the time ratios are medians of those
+    within-repeat pairs (a machine whose speed drifts favours neither)."""
     device, length, layout = loaded.device, inputs["input_ids"].shape[1], _layout(loaded, inputs)
     repeats: list[dict] = []
     ideal_note, segments = None, None
@@ -169,6 +173,7 @@ def measure(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig, pruner: P
         # load does not favour one side of the pair
         ideal_first = segments is not None and i % 2 == 1
         ideal_s = _ideal_prefill(loaded, inputs, segments) if ideal_first else None
+        stock = _time_stock(loaded, stock_inputs, cfg) if stock_inputs is not None and i % 2 == 0 else None
         timer = GenerationTimer(loaded.model, loaded.adapter.vision_towers(loaded.model), device)
         reset_peak(device)
         with engine_clock(pruner) as logs:
@@ -176,8 +181,12 @@ def measure(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig, pruner: P
                      stop=False)
         in_prefill = {name: sum(s for start, s in log if start < timer.prefill_end_host) for name, log in logs.items()}
         row = {"prefill_s": timer.prefill_s, "decode_s": timer.decode_s_per_token, **in_prefill,
-               "scoring_s": pruner.stage_seconds if pruner is not None else 0.0,
+               "vision_s": timer.vision_s, "scoring_s": pruner.stage_seconds if pruner is not None else 0.0,
                "peak": peak_memory_bytes(device) if device.type == "cuda" else None}
+        if stock_inputs is not None:
+            stock = stock or _time_stock(loaded, stock_inputs, cfg)
+            row.update(prefill_pair=timer.prefill_s / stock.prefill_s, decode_pair=timer.decode_s_per_token /
+                       stock.decode_s_per_token if stock.decode_s_per_token else float("nan"))
         if cfg.ideal and ideal_note is None:
             try:
                 segments = (segments_from_trace(pruner.trace, layout, length, pruner.records, device)
@@ -187,7 +196,9 @@ def measure(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig, pruner: P
                 ideal_note, segments = str(err), None
         if i >= cfg.warmup:
             repeats.append(row)
-    result = {k: statistics.median(r[k] for r in repeats) for k in ("prefill_s", "decode_s")}
+    result = {k: statistics.median(r[k] for r in repeats) for k in ("prefill_s", "decode_s", "vision_s", "scoring_s")}
+    if stock_inputs is not None:
+        result.update({k: statistics.median(r[k] for r in repeats) for k in ("prefill_pair", "decode_pair")})
     peaks = [r["peak"] for r in repeats if r["peak"] is not None]
     result["peak"] = max(peaks) if peaks else None
     if cfg.ideal and ideal_note is None:
@@ -207,6 +218,12 @@ def measure(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig, pruner: P
     result["kv_end_bytes"] = analytic_kv_bytes(loaded.model.config, [c + cfg.decode_tokens for c in record.cached],
                                                loaded.model.dtype)
     return result
+
+
+def _time_stock(loaded: models.LoadedModel, inputs: dict, cfg: DictConfig) -> GenerationTimer:
+    timer = GenerationTimer(loaded.model, loaded.adapter.vision_towers(loaded.model), loaded.device)
+    generate(loaded, inputs, cfg.decode_tokens + 1, None, timer, min_new_tokens=cfg.decode_tokens + 1, stop=False)
+    return timer
 
 
 def _probe(method: str, keep: float, cfg: DictConfig, loaded: models.LoadedModel) -> Pruner | str:
@@ -258,7 +275,8 @@ def rows_for(loaded: models.LoadedModel, samples: list[Sample], cfg: DictConfig)
             fed = prepare(loaded, samples, pruner)
             row = {"method": method, "keep": keep}
             if base is not None:
-                row.update(_ratios(measure(loaded, fed, cfg, pruner), base, cfg, len(samples), weights))
+                result = measure(loaded, fed, cfg, pruner, inputs if cfg.interleave else None)
+                row.update(_ratios(result, base, cfg, len(samples), weights))
             if stock is not None:
                 row.update(_with_extra(count_generate(loaded, fed, pruner, cfg.decode_tokens), stock))
             rows.append(row)
@@ -274,12 +292,17 @@ def _with_extra(counts: dict, stock: dict) -> dict:
 def _ratios(result: dict, base: dict, cfg: DictConfig, batch: int, weights: int) -> dict:
     row = {
         "prefill_s": result["prefill_s"],
-        "prefill_time_ratio": result["prefill_s"] / base["prefill_s"],
+        "prefill_time_ratio": result.get("prefill_pair", result["prefill_s"] / base["prefill_s"]),
+        "vision_s": result["vision_s"], "scoring_s": result["scoring_s"],
+        "llm_s": result["prefill_s"] - result["vision_s"] - result["scoring_s"],
+        "throughput_tokens_per_s": batch * (cfg.decode_tokens + 1) / (result["prefill_s"] + cfg.decode_tokens *
+                                                                      result["decode_s"]),
         "flops_ratio": result["prefill_flops"] / result["prefill_flops_unpruned"],
         "flops_ratio_with_aux": (result["prefill_flops"] + result["aux_flops"]) / result["prefill_flops_unpruned"],
         "kv_ratio": result["kv_bytes"] / result["kv_bytes_unpruned"],
         "kv_mib_per_sample": result["kv_bytes"] / 2**20,
-        "decode_time_ratio": result["decode_s"] / base["decode_s"] if base["decode_s"] else float("nan"),
+        "decode_time_ratio": result.get("decode_pair", result["decode_s"] / base["decode_s"] if base["decode_s"]
+                                        else float("nan")),
         "decode_tokens_per_s": batch / result["decode_s"] if result["decode_s"] else float("nan"),
         "retention_average": result["retention"]["average"],
         "retention_final": result["retention"]["final"],
@@ -306,6 +329,10 @@ engine_overhead = prefill_s / ideal_s - 1 (median of within-repeat ratios) = sco
 shrink, the cut's gather) + masks_gathers (per-layer rotary, positions, mask) + hooks (the rest of the hook
 bodies) + unexplained (hook dispatch, cache effects, noise; on the `none` row: the stock text model's own
 mask and rotary work that the plain loop skips). All four are fractions of ideal_s.
+serving: prefill_s is the time to first token (vision encoder, the method's scoring and the LLM prefill, split
+as vision_s + scoring_s + llm_s); throughput_tokens_per_s: batch x (decode_tokens + 1) / (prefill_s +
+decode_tokens x one decode step). With interleave=true the time ratios are medians of within-repeat pairs
+with the unpruned model.
 max_batch: floor((memory_budget_gb - weights) / KV bytes per sample after a decode_tokens answer), analytic.
 """
 
@@ -315,7 +342,9 @@ def markdown(tables: list[dict]) -> str:
     for table in tables:
         timed = any("prefill_s" in row for row in table["rows"])
         counted = any("prefill_kernels" in row for row in table["rows"])
-        sections = ((("prefill", PREFILL_COLUMNS), ("decode and KV", DECODE_COLUMNS)) if timed else ()) + (
+        sections = ((("prefill", PREFILL_COLUMNS), ("decode and KV", DECODE_COLUMNS),
+                     ("serving: time to first token split, decode and throughput", SERVING_COLUMNS))
+                    if timed else ()) + (
             (("counts", COUNT_COLUMNS),) if counted else ())
         for title, columns in sections:
             lines += [f"{table['header']} | {title}", "", "| " + " | ".join(columns) + " |",

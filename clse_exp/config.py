@@ -223,5 +223,14 @@ def validate_run(cfg: Any) -> Any:
     validate_dataset(cfg.dataset)
     pruner = pruner_from_config(cfg)
     if pruner is not None:
+        pruner.method.check_inputs(dataset_has_videos(cfg.dataset))
         pruner.bind(describe(cfg.model))
     return pruner
+
+
+def dataset_has_videos(data: Any) -> bool:
+    """Whether a dataset config yields videos (a synthetic video variant, or a benchmark with a video column),
+    so a method knob that needs frames can be refused before any weights load."""
+    if data.loader == "synthetic":
+        return data.get("variant") == "video"
+    return data.get("video_column") is not None

@@ -233,7 +233,8 @@ def test_time_calls_times_the_callables_a_factory_returns():
 
 
 @pytest.mark.parametrize(("override", "fragment"), [
-    ("repeats=-1", "repeats=-1"), ("repeats=0 counts=false", "measures nothing"), ("warmup=-1", "warmup=-1"), ("batch_sizes=[0]", "batch_sizes=[0]"),
+    ("repeats=-1", "repeats=-1"), ("repeats=0 counts=false", "measures nothing"), ("warmup=-1", "warmup=-1"),
+    ("batch_sizes=[0]", "batch_sizes=[0]"),
     ("batch_sizes=1", "must be a list"), ("images=0", "images=0"), ("methods=[foo]", "'foo'"),
     ("keeps=[1.5]", "keep=1.5"), ("protocol=paper", "'paper'"), ("model.scale=0", "model.scale=0"),
     ("memory_budget_gb=-1", "memory_budget_gb=-1"), ("attn_implementations=[flashy]", "'flashy'"),

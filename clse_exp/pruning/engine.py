@@ -107,6 +107,9 @@ class _Cut:
     seconds: float = 0.0
 
 
+DECODE_CAPACITY = 64  # decode steps whose masks and rotary the prefill prepares (doubled when outgrown)
+
+
 class _DecodeSlots:
     """One layer group's decode inputs (the layers whose prompt slots are the same): the mask and, under
     `cache_length` positions, rotary, as views of buffers filled once for many steps, so a decode step
@@ -114,8 +117,19 @@ class _DecodeSlots:
 
     def __init__(self, slots: Slots, padded: bool, offset: torch.Tensor | None) -> None:
         self.slots, self.padded, self.offset = slots, padded, offset
+        self.capacity = 0
         self.keys: torch.Tensor | None = None  # [B, prompt + capacity] key validity as the backend wants it
         self.rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # cos, sin, positions
+
+    def fill(self, capacity: int, implementation: str, rotary: nn.Module | None, hidden: torch.Tensor) -> None:
+        """Buffers for `capacity` one-token steps: the keys' validity (padding only) and the rotary of the
+        positions that continue from this group's cached length (`cache_length` only)."""
+        self.capacity = capacity
+        if self.padded:
+            self.keys = _key_buffer(self.slots.valid, capacity, implementation, hidden.dtype)
+        if self.offset is not None:
+            positions = self.offset[:, None] + torch.arange(capacity, device=self.offset.device)[None]
+            self.rotary = (*rotary(hidden, positions), positions)
 
 
 class Pruner:
@@ -258,8 +272,8 @@ class Pruner:
         self.bind(adapter.facts(model.config))
         layers = adapter.decoder_layers(model)
         implementation = text_model.config._attn_implementation
-        self._implementation = implementation
         rotary = getattr(text_model, "rotary_emb", None)
+        self._implementation, self._rotary = implementation, rotary
         self._vision_pending: dict[int, list[Any]] = {}
         self._vision_modules = (None, None)
         handles = self._vision_hooks(adapter, model)
@@ -451,7 +465,8 @@ class Pruner:
         state.captures.clear()
         state.decoding = True
         self._last = state
-        self._plan_decode(state)
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        self._plan_decode(state, hidden)
         return None
 
     def _layer_hook(self, index: int, layers: nn.ModuleList, norm: nn.Module, rotary: nn.Module | None,
@@ -596,9 +611,10 @@ class Pruner:
         return state.layer_kwargs[1]
 
     # ----------------------------------------------------------------------------------- decode
-    def _plan_decode(self, state: _Prefill) -> None:
-        """Once per prefill: each layer group's decode inputs, and whether decode steps need the layer hooks
-        at all (not when no layer's cache holds padding and positions continue as the stock model's do)."""
+    def _plan_decode(self, state: _Prefill, hidden: torch.Tensor) -> None:
+        """Once per prefill: each layer group's decode inputs (their buffers filled now, for the first
+        DECODE_CAPACITY steps), and whether decode steps need the layer hooks at all: not when no layer's cache
+        holds padding and positions continue as the stock model's do."""
         plans: dict[int, _DecodeSlots] = {}
         by_slots: dict[int, _DecodeSlots] = {}
         cached = _cached_counts(state, self.facts.num_layers)
@@ -606,7 +622,9 @@ class Pruner:
             if id(slots) not in by_slots:
                 padded = any(count != slots.idx.shape[1] for count in cached[layer])
                 offset = state.start + slots.valid.sum(1) if self.rules.decode == "cache_length" else None
-                by_slots[id(slots)] = _DecodeSlots(slots, padded, offset)
+                plan = _DecodeSlots(slots, padded, offset)
+                plan.fill(DECODE_CAPACITY, self._implementation, self._rotary, hidden)
+                by_slots[id(slots)] = plan
             plans[layer] = by_slots[id(slots)]
         state.decode_plans = plans
         # sdpa and flash need no mask for one unpadded query; eager adds the stock model's mask, which is sized
@@ -618,24 +636,19 @@ class Pruner:
     def _decode_kwargs(self, state: _Prefill, layer: int, rotary: nn.Module | None, implementation: str,
                        hidden: torch.Tensor) -> dict:
         """Mask (and, under `cache_length` positions, rotary) for this step's tokens at `layer`: keys are the
-        prompt slots this layer cached, then every generated token. One-token steps take views of buffers
-        built once per prefill (and when the answer outgrows them)."""
+        prompt slots this layer cached, then every generated token. One-token steps take views of the buffers
+        the prefill filled (refilled, twice as long, when an answer outgrows them)."""
         plan = state.decode_plans[layer]
         if state.step_length != 1:
             return _multi_token_kwargs(state, plan, rotary, implementation, hidden)
         generated = state.generated
+        if generated > plan.capacity:
+            plan.fill(2 * generated, implementation, rotary, hidden)
         update: dict[str, Any] = {"attention_mask": None}
-        if plan.padded:
-            prompt = plan.slots.idx.shape[1]
-            if plan.keys is None or plan.keys.shape[1] < prompt + generated:
-                plan.keys = _key_buffer(plan.slots.valid, max(64, 2 * generated), implementation, hidden.dtype)
-            keys = plan.keys[:, : prompt + generated]
+        if plan.keys is not None:
+            keys = plan.keys[:, : plan.slots.idx.shape[1] + generated]
             update["attention_mask"] = keys if implementation.startswith("flash") else keys[:, None, None, :]
-        if plan.offset is not None:
-            if plan.rotary is None or plan.rotary[2].shape[1] < generated:
-                capacity = max(64, 2 * generated)
-                positions = plan.offset[:, None] + torch.arange(capacity, device=plan.offset.device)[None]
-                plan.rotary = (*rotary(hidden, positions), positions)
+        if plan.rotary is not None:
             cos, sin, positions = (part[:, generated - 1 : generated] for part in plan.rotary)
             update["position_embeddings"] = (cos, sin)
             update["position_ids"] = positions
@@ -779,7 +792,9 @@ def _read_back(state: _Prefill, num_layers: int) -> tuple[list[StageRecord], lis
             cached=[cached[layer][b] for layer in range(num_layers)],
             kept_per_stage=[len(stage.kept[b]) for stage in stages],
             kept=stages[-1].kept[b] if stages else list(range(n)),
-            budget_unreachable=state.plans[b][1], aux_flops=sum(stage.aux_flops[b] for stage in stages),
+            # flagged by the plan, or a data-dependent official rule kept fewer than it was asked (CDPruner)
+            budget_unreachable=state.plans[b][1] or any(len(stage.kept[b]) < stage.budget[b] for stage in stages),
+            aux_flops=sum(stage.aux_flops[b] for stage in stages),
         )
         unreduced = state.reduced[b] if state.reduced is not None else None
         records.append(record if unreduced is None else record.unreduced(unreduced))

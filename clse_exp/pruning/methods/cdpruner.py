@@ -27,10 +27,13 @@ the tiny offline models, `auto` the one that fits the model's vision tower (see 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -201,6 +204,34 @@ def fast_map(kernel: torch.Tensor, k: int, fill: torch.Tensor | None = None) -> 
     return torch.cat([picks[:first], order[: k - first]])
 
 
+def _missing_checkpoint(source: str) -> str | None:
+    """Why `source` (a directory or hub id) cannot be loaded, when that is known without loading it: a
+    directory that does not exist, or a hub id absent from the local cache while the hub is offline."""
+    from clse_exp.config import looks_local
+
+    if looks_local(source):
+        return None if Path(source).expanduser().is_dir() else "no such directory"
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return "the hub is offline (HF_HUB_OFFLINE) and it is not in the local cache"
+    return None
+
+
+def _says_when_short(select: Callable[..., Selection]) -> Callable[..., Selection]:
+    """Wrap `select` so a selection with fewer tokens than asked (the official rule's collapsed repeats) is
+    announced once per run; the selection itself is unchanged."""
+
+    @functools.wraps(select)
+    def wrapper(self: CDPruner, ctx: StageContext, b: int, k: int) -> Selection:
+        selection = select(self, ctx, b, k)
+        if len(selection.order) < k:
+            self.announce_shortfall(k, len(selection.order), ctx.n_visual[b])
+        return selection
+
+    return wrapper
+
+
 class CDPruner(PruningMethod):
     """Runs at the LLM input (layer 0): similarity of the projector outputs, relevance from CLIP."""
 
@@ -215,10 +246,18 @@ class CDPruner(PruningMethod):
         super().__init__(options, **knobs)
         self._questions: list[str] | None = None
         self._checked: set[tuple[str, int]] = set()  # (CLIP source, vision tower) pairs found to match
+        self._short = False  # whether this run has said that the official rule kept fewer tokens than asked
 
     def validate(self) -> None:
-        if not isinstance(self.options.clip, str) or not self.options.clip.strip():
-            raise ConfigError(f"prune.clip={self.options.clip!r}: give a CLIP hub id or directory, `tiny` or `auto`")
+        clip = self.options.clip
+        if not isinstance(clip, str) or not clip.strip():
+            raise ConfigError(f"prune.clip={clip!r}: give a CLIP hub id or directory, `tiny` or `auto`")
+        if clip not in ("auto", "tiny"):
+            missing = _missing_checkpoint(clip)
+            if missing:
+                raise ConfigError(f"prune.clip={clip!r} is not a loadable CLIP checkpoint ({missing}); give a hub "
+                                  "id in the local cache, a directory with a CLIPModel and its tokenizer, `tiny` or "
+                                  "`auto`")
 
     def default_layers(self, facts: ModelFacts) -> Layers:
         if facts.family not in SUPPORTED_FAMILIES:
@@ -260,6 +299,17 @@ class CDPruner(PruningMethod):
             self._checked.add((source, id(ctx.vision_layers)))
         return parts
 
+    def announce_shortfall(self, asked: int, kept: int, n_visual: int) -> None:
+        """Say once per run that the official rule kept fewer tokens than asked, and why."""
+        if self._short:
+            return
+        self._short = True
+        log.warning("prune=cdpruner protocol=official: a sample kept %d of the %d tokens asked (of its %d visual "
+                    "tokens): the official greedy DPP runs exactly k steps and its mask collapses the picks it "
+                    "repeats once the kernel runs out of rank (no positive gain left); records give each sample's "
+                    "retention (protocol=uniform fills the rest by relevance to keep exactly k)", kept, asked, n_visual)
+
+    @_says_when_short
     def select(self, ctx: StageContext, b: int, k: int) -> Selection:
         clip = self.clip_parts(ctx, b)
         features = ctx.hidden_states(b)

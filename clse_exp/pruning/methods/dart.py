@@ -46,12 +46,34 @@ class DART(PruningMethod):
     def official_counts(self, n_visual: int, keep: float, budget: str, layers: Layers,
                         facts: ModelFacts) -> list[int]:
         """4 + 8 * (M // 8) kept tokens: M is the budget (final: keep * N; average: the planner's count)."""
+        _, per_pivot = self._official_terms(n_visual, keep, budget, layers, facts)
+        return [min(n_visual, self.options.visual_pivots + self._pivots * per_pivot)]
+
+    def count_departure(self, n_visual: int, keep: float, budget: str, layers: Layers, facts: ModelFacts,
+                        counts: list[int | None]) -> str | None:
+        """The two ways the official formula degenerates: a budget below one token per pivot (only the visual
+        pivots are kept), or more pivots and picks than the image has tokens (the cut shrinks or vanishes)."""
+        target, per_pivot = self._official_terms(n_visual, keep, budget, layers, facts)
+        asked, kept = max(1, round(target)), counts[0]
+        if kept == asked:
+            return None
+        formula = self.options.visual_pivots + self._pivots * per_pivot
+        if formula > n_visual:
+            return (f"its official count {self.options.visual_pivots} + {self._pivots} * {per_pivot} = {formula} "
+                    f"exceeds an image's {n_visual} visual tokens, so it keeps {kept} where keep asks for {asked}")
+        if per_pivot == 0:
+            return (f"a budget of {asked} tokens is less than one per pivot ({self._pivots} pivots: "
+                    f"visual_pivots + text_pivots), so its official rule keeps only the {kept} visual pivots")
+        return None
+
+    def _official_terms(self, n_visual: int, keep: float, budget: str, layers: Layers,
+                        facts: ModelFacts) -> tuple[float, int]:
+        """(the budget M, tokens per pivot) of the official rule (LLaVA: round(M) // P; Qwen2-VL: int(M / P))."""
         if budget == "final":
             target = keep * n_visual
         else:
             target = plan_stages(n_visual, facts.num_layers, layers.prune_layers, keep, budget)[0].count
-        per_pivot = int(target / self._pivots) if facts.mrope else round(target) // self._pivots
-        return [min(n_visual, self.options.visual_pivots + self._pivots * per_pivot)]
+        return target, int(target / self._pivots) if facts.mrope else round(target) // self._pivots
 
     @property
     def _pivots(self) -> int:

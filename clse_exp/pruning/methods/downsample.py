@@ -53,7 +53,7 @@ from PIL import Image
 
 from clse_exp.data.sample import Sample
 from clse_exp.errors import ConfigError
-from clse_exp.pruning.methods.base import ModelFacts, PruningMethod, Rules, Selection
+from clse_exp.pruning.methods.base import Layers, ModelFacts, PruningMethod, Rules, Selection
 from clse_exp.pruning.methods.divprune import pre_llm_rules
 from clse_exp.pruning.signals import StageContext
 
@@ -149,6 +149,13 @@ class Downsample(PruningMethod):
     """Resize the input (Qwen families) or pool each visual grid at the LLM input (the others)."""
 
     name = "downsample"
+
+    def check_budget(self, keep: float, budget: str, layers: Layers, facts: ModelFacts, official: bool) -> None:
+        """Dynamic-resolution families shrink the image before the model, so no stage layer is ever read."""
+        if facts.family in RESIZED_FAMILIES and tuple(layers.prune_layers) != (0,):
+            raise ConfigError(f"layers.prune_layers={list(layers.prune_layers)} has no effect: prune=downsample "
+                              f"resizes {facts.family} images before the vision tower, not at a decoder layer; leave "
+                              "layers.prune_layers null (or [0])")
 
     def rules(self, protocol: str, facts: ModelFacts) -> Rules:
         return pre_llm_rules(protocol, facts)

@@ -17,10 +17,12 @@ Official code (42Shawn/LLaVA-PruMerge@097c041, llava/model/multimodal_encoder/cl
 
 Budget: the official count is adaptive (it ignores any ratio: PM:203-204,300). `prune.adaptive=true`
 reproduces it (protocol=official only; `keep` < 1 just switches pruning on and the trace's budget is the
-planner's, not the count reached); the IQR runs per image, the official batch-1 case (the official code
-pools it over a batch). Where the official code raises, we clamp: no outlier -> 1, a zero stride -> 1. The
-grid runs over 0..N-2 for any N (575 = N - 1 for LLaVA-1.5). By default (`adaptive=false`) a sample keeps
-k = round(keep * N) tokens, split evenly over its images; an image's k tokens keep the official structure:
+planner's, not the count reached: each run says so in one log line, and every record is flagged
+`budget_unreachable`, so a keep sweep's identical rows are marked as such); the IQR runs per image, the
+official batch-1 case (the official code pools it over a batch). Where the official code raises, we clamp: no
+outlier -> 1, a zero stride -> 1. The grid runs over 0..N-2 for any N (575 = N - 1 for LLaVA-1.5). By default
+(`adaptive=false`) a sample keeps k = round(keep * N) tokens, split evenly over its images; an image's k tokens
+keep the official structure:
 outliers (descending) + the official grid of the outlier count + the extra token, with the smallest outlier
 count whose official total is exactly k, or else the largest whose total falls short, with further outliers
 (in score order, same grid) until the total is k; for k below the smallest official total, k - 1 outliers
@@ -128,6 +130,12 @@ class PruMergePlus(PruningMethod):
         if self.options.adaptive and not official:
             raise ConfigError("prune.adaptive=true is the official code's own count, so it needs "
                               "protocol=official; protocol=uniform keeps exactly round(keep * N) tokens")
+
+    def keep_ignored(self, official: bool) -> str | None:
+        if not self.options.adaptive:
+            return None
+        return ("prune.adaptive=true keeps the official IQR count of each image, which no keep or budget sets "
+                "(keep < 1 only switches pruning on, so every keep gives the same tokens)")
 
     def rules(self, protocol: str, facts: ModelFacts) -> Rules:
         return pre_llm_rules(protocol, facts)

@@ -204,6 +204,12 @@ class SparseVLM(PruningMethod):
                 current = kept
         return counts
 
+    def keep_ignored(self, official: bool) -> str | None:
+        if self.options.count_rule != "rank":
+            return None
+        return ("prune.count_rule=rank keeps as many tokens as the rank of each sample's rater x visual attention "
+                "(plus recycled clusters), which no keep or budget sets")
+
     def rules(self, protocol: str, facts: ModelFacts) -> Rules:
         if protocol == "official" and not facts.mrope:
             return Rules(prefill="compact", decode="cache_length")
