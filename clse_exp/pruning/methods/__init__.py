@@ -21,10 +21,11 @@ from clse_exp.pruning.methods.prumerge_plus import PruMergePlus
 from clse_exp.pruning.methods.random import RandomPrune
 from clse_exp.pruning.methods.sparsevlm import SparseVLM
 from clse_exp.pruning.methods.visionzip import VisionZip
+from clse_exp.pruning.methods.vispruner import VisPruner
 
 METHODS: dict[str, type[PruningMethod]] = {
     m.name: m for m in (CLSE, FastV, PDrop, DART, DivPrune, RandomPrune, SparseVLM, VisionZip, PruMergePlus,
-                        Downsample, CDPruner)
+                        Downsample, CDPruner, VisPruner)
 }
 NO_PRUNING = "none"
 
