@@ -42,11 +42,21 @@ from torch import nn
 
 from clse_exp.data.prompts import LETTER_ANSWER, SHORT_ANSWER
 from clse_exp.data.sample import Sample
+from clse_exp.efficiency.counts import host_side, upload
 from clse_exp.efficiency.flops import clip_text_flops
 from clse_exp.errors import ConfigError
-from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules, Selection
+from clse_exp.pruning.methods.base import (
+    BatchSelection,
+    Layers,
+    MethodOptions,
+    ModelFacts,
+    PruningMethod,
+    Rules,
+    Selection,
+)
 from clse_exp.pruning.methods.divprune import pre_llm_rules
 from clse_exp.pruning.signals import StageContext
+from clse_exp.pruning.slots import positions_of
 
 if TYPE_CHECKING:
     from transformers import CLIPModel, CLIPTokenizer, CLIPVisionConfig
@@ -144,13 +154,24 @@ def instruction(text: str) -> str:
     return text
 
 
-def text_embeds(clip: ClipParts, text: str, device: torch.device) -> torch.Tensor:
-    """[M, P] one CLIP text embedding per 77-token segment of the untruncated, zero-padded token ids."""
+def text_tokens(clip: ClipParts, text: str) -> torch.Tensor:
+    """[2, M, segment] the untruncated token ids and attention mask, zero-padded to M whole 77-token segments
+    (host tensors: the tokenizer's work, uploaded by the caller)."""
     encoded = clip.tokenizer(text=text, return_tensors="pt")
     length = encoded["input_ids"].shape[1]
     pad = clip.segment * ((length - 1) // clip.segment + 1) - length
-    ids, mask = (torch.cat([encoded[key], encoded[key].new_zeros(1, pad)], 1).reshape(-1, clip.segment).to(device)
-                 for key in ("input_ids", "attention_mask"))
+    return torch.stack([torch.cat([encoded[key], encoded[key].new_zeros(1, pad)], 1).reshape(-1, clip.segment)
+                        for key in ("input_ids", "attention_mask")])
+
+
+def text_embeds(clip: ClipParts, text: str | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[M, P] one CLIP text embedding per 77-token segment of the untruncated, zero-padded token ids (`text`, or
+    its `text_tokens` already on the device)."""
+    if isinstance(text, str):
+        with host_side():
+            tokens = text_tokens(clip, text)
+        text = upload(tokens, device)
+    ids, mask = text[0], text[1]
     return clip.text_projection(clip.text_model(input_ids=ids, attention_mask=mask).pooler_output)
 
 
@@ -176,7 +197,7 @@ def fast_map(kernel: torch.Tensor, k: int, fill: torch.Tensor | None = None) -> 
     Without `fill` the official loop: no stopping rule (a non-positive gain yields NaN rows and possibly
     repeated picks). With `fill` ([N] priorities) the picks stop at the first step whose gain is not positive
     and the rest are taken by descending priority, so the k picks are distinct. The loop uses tensor ops only
-    (no host synchronisation per step); the stopping step is found once, after it.
+    (no host synchronisation per step); the stopping step is found after it, on the device too.
     """
     n = kernel.shape[0]
     rows = kernel.new_zeros(k, n)
@@ -194,14 +215,14 @@ def fast_map(kernel: torch.Tensor, k: int, fill: torch.Tensor | None = None) -> 
         gain.index_fill_(0, j, float("-inf"))
     if fill is None:
         return picks
-    stopped = (~(gains > 0)).nonzero()
-    if len(stopped) == 0:
-        return picks
-    first = int(stopped[0])
-    rest = torch.ones(n, dtype=torch.bool, device=kernel.device)
-    rest[picks[:first]] = False
-    order = torch.sort(fill.masked_fill(~rest, float("-inf")), descending=True, stable=True).indices
-    return torch.cat([picks[:first], order[: k - first]])
+    # the first step without a positive gain (k: none), found on the device: no host read
+    stopped = ~(gains > 0)
+    steps = torch.arange(k, device=kernel.device)
+    first = torch.where(stopped.any(), stopped.to(torch.int8).argmax(), k)
+    taken = steps < first
+    picked = kernel.new_zeros(n).index_add_(0, picks, taken.to(kernel.dtype)) > 0  # picks[:first], repeats or not
+    order = torch.sort(fill.masked_fill(picked, float("-inf")), descending=True, stable=True).indices
+    return torch.where(taken, picks, order.gather(0, (steps - first).clamp(min=0)))
 
 
 def _missing_checkpoint(source: str) -> str | None:
@@ -312,22 +333,65 @@ class CDPruner(PruningMethod):
     @_says_when_short
     def select(self, ctx: StageContext, b: int, k: int) -> Selection:
         clip = self.clip_parts(ctx, b)
+        picks, flops = self._picks(ctx, b, k, clip, instruction(self.question(ctx, b)))
+        if ctx.protocol == "official":  # the official mask: repeated picks collapse
+            picks = torch.unique(picks)
+        return Selection(picks, aux_flops=flops)
+
+    def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
+        """`select` for every sample: the questions tokenised on the host and uploaded once; under `official`
+        the kept counts (the picks left once repeats collapse, a number only the data sets) read once."""
+        samples = [b for b, k in enumerate(budgets) if k is not None]
+        clips = {b: self.clip_parts(ctx, b) for b in samples}
+        device = ctx.hidden.device
+        with host_side():
+            tokens = [text_tokens(clips[b], instruction(self.question(ctx, b))) for b in samples]
+        texts = {}
+        if tokens:
+            uploaded = upload(torch.cat(tokens, dim=1), device)
+            texts = dict(zip(samples, uploaded.split([t.shape[1] for t in tokens], dim=1), strict=True))
+        picks, flops = {}, [0] * len(budgets)
+        for b in samples:
+            picks[b], flops[b] = self._picks(ctx, b, budgets[b], clips[b], texts[b])
+        width = ctx.visual_slots.shape[1]
+        counts = list(ctx.n_current)
+        if not samples:
+            return BatchSelection(ctx.visual_slots[:, :0], counts, width)
+        if ctx.protocol == "official":  # the official mask: repeated picks collapse, to a count read once
+            masks = {b: torch.zeros(ctx.n_current[b], dtype=torch.bool, device=device).index_fill_(0, picks[b], True)
+                     for b in samples}
+            kept = torch.stack([mask.sum() for mask in masks.values()]).tolist()
+            for b, count in zip(samples, kept, strict=True):
+                picks[b] = positions_of(masks[b][None], count)[0]
+                if count < budgets[b]:
+                    self.announce_shortfall(budgets[b], count, ctx.n_visual[b])
+        else:
+            picks = {b: order.sort().values for b, order in picks.items()}
+        for b in samples:
+            counts[b] = len(picks[b])
+        keep = max(counts)
+        order = torch.full((len(counts), keep), width, dtype=torch.long, device=device)
+        for b, count in enumerate(counts):
+            order[b, :count] = picks[b] if b in picks else torch.arange(count, device=device)
+        return BatchSelection(order, counts, width, aux_flops=flops)
+
+    def _picks(self, ctx: StageContext, b: int, k: int, clip: ClipParts, text: str | torch.Tensor
+               ) -> tuple[torch.Tensor, int]:
+        """Sample b's k DPP picks in pick order (official: repeats possible; uniform: distinct, filled by
+        relevance) and the CLIP FLOPs they took; `text`: its instruction, or its tokens on the device."""
         features = ctx.hidden_states(b)
         with torch.no_grad():
             patches = torch.cat([image[1:] for image in ctx.vision_inputs(b, -1)]).float()
             image = clip.visual_projection(clip.post_layernorm(patches))
-            text = text_embeds(clip, instruction(self.question(ctx, b)), features.device)
+            text = text_embeds(clip, text, features.device)
             r = relevance(image, text)
             if ctx.protocol == "official":
                 unit = (features / features.norm(dim=-1, keepdim=True)).float()
             else:
                 unit = F.normalize(features.float(), dim=-1)
             kernel = r[:, None] * (unit @ unit.T) * r[None, :]
-            if ctx.protocol == "official":  # the official mask: repeated picks collapse
-                picks = torch.unique(fast_map(kernel, k))
-            else:
-                picks = fast_map(kernel, k, fill=r).sort().values
-        return Selection(picks, aux_flops=clip_flops(clip, text.shape[0], patches.shape[0]))
+            picks = fast_map(kernel, k) if ctx.protocol == "official" else fast_map(kernel, k, fill=r)
+        return picks, clip_flops(clip, text.shape[0], patches.shape[0])
 
 
 def _check_same_tower(source: str, clip_layer: nn.Module, model_layer: nn.Module) -> None:

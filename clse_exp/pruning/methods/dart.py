@@ -18,9 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from clse_exp.errors import ConfigError
-from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod
+from clse_exp.pruning.methods.base import (
+    BatchSelection,
+    Layers,
+    MethodOptions,
+    ModelFacts,
+    PruningMethod,
+    Selection,
+    pack,
+)
 from clse_exp.pruning.schedule import plan_stages
 from clse_exp.pruning.signals import StageContext
+from clse_exp.pruning.slots import positions_of
 
 
 class DART(PruningMethod):
@@ -80,15 +89,46 @@ class DART(PruningMethod):
         return self.options.visual_pivots + self.options.text_pivots
 
     def select(self, ctx: StageContext, b: int, k: int) -> torch.Tensor:
+        after = self._text_after_counts(ctx)[b]
         if ctx.protocol == "official":
-            return self._official(ctx, b, k)
-        return self._exact(ctx, b, k)
+            visual_pivots, text_pivots = self._pivots_of(ctx, b, after, official=True)
+            seqs = ctx.sequence_index(b, torch.cat([ctx.visual_positions(b)[visual_pivots], text_pivots])).tolist()
+            return self._official(ctx, b, k, visual_pivots, text_pivots, seqs)
+        return self._exact(ctx, b, k, after)
 
-    def _pivots_of(self, ctx: StageContext, b: int, official: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(visual pivot positions into the visual tokens, text pivot slot positions), by key L1 norm."""
+    def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
+        """Per sample as `select`, with every count known on the host; under `official` the pivots' sequence
+        indices (whose CPython set order the official loop follows) are read for the whole batch at once."""
+        afters = self._text_after_counts(ctx)
+        if ctx.protocol != "official":
+            return pack([None if k is None else Selection(self._exact(ctx, b, k, afters[b]).sort().values)
+                         for b, k in enumerate(budgets)], ctx)
+        pivots = {b: self._pivots_of(ctx, b, afters[b], official=True) for b, k in enumerate(budgets) if k is not None}
+        rows = [ctx.sequence_index(b, torch.cat([ctx.visual_positions(b)[v], t])) for b, (v, t) in pivots.items()]
+        width = max((len(row) for row in rows), default=0)
+        stacked = torch.stack([F.pad(row, (0, width - len(row))) for row in rows]) if rows else None
+        host = [] if stacked is None else stacked.tolist()  # the one read: the set order is the host's
+        seqs = {b: row[: len(v) + len(t)] for (b, (v, t)), row in zip(pivots.items(), host, strict=True)}
+        return pack([None if k is None else Selection(self._official(ctx, b, k, *pivots[b], seqs[b]))
+                     for b, k in enumerate(budgets)], ctx)
+
+    def _text_after_counts(self, ctx: StageContext) -> list[int]:
+        """Per sample, the real text tokens after its last current visual token. Known on the host while no
+        visual token was cut (the last grid token stands; text is never cut): the tokens after it up to the
+        prompt's end. Otherwise (an earlier cut) read from the device, once for the batch."""
+        batch = len(ctx.n_current)
+        if ctx.segment_spans and ctx.first_slot and ctx.n_current == ctx.n_visual:
+            return [ctx.first_slot[b] + ctx.n_visual[b] + ctx.n_text[b] - 1 - ctx.segment_spans[b][-1][1]
+                    if ctx.segment_spans[b] else ctx.n_text[b] for b in range(batch)]
+        last = ctx.visual_slots.masked_fill(~ctx.visual_valid, -1).max(1, keepdim=True).values
+        after = torch.arange(ctx.slots.idx.shape[1], device=last.device)[None] > last
+        return (ctx.slots.valid & ~ctx.is_visual & after).sum(1).tolist()
+
+    def _pivots_of(self, ctx: StageContext, b: int, after: int, official: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(visual pivot positions into the visual tokens, text pivot slot positions), by key L1 norm; `after`:
+        how many of the sample's text tokens follow its last visual token (known on the host)."""
         visual = ctx.visual_positions(b)
-        text_after = ctx.text_positions(b)
-        text_after = text_after[text_after > visual.max()]
+        text_after = ctx.text_positions(b)[ctx.n_text[b] - after :]
         keys = ctx.keys(b, torch.cat([visual, text_after]))
         if official:  # the official keys are taken after the GQA head repeat: every kv head counted H/H_kv times
             attn = ctx.layers[ctx.layer - 1].self_attn
@@ -102,45 +142,46 @@ class DART(PruningMethod):
             text_pivots = text_after[norms[len(visual):].topk(min(self.options.text_pivots, len(text_after))).indices]
         return visual_pivots, text_pivots
 
-    def _official(self, ctx: StageContext, b: int, k: int) -> torch.Tensor:
+    def _official(self, ctx: StageContext, b: int, k: int, visual_pivots: torch.Tensor, text_pivots: torch.Tensor,
+                  pivot_seq: list[int]) -> torch.Tensor:
+        """The official loop: each pivot, in CPython's set order of the pivots' sequence indices (`pivot_seq`,
+        read on the host), takes the per_pivot remaining visual tokens least similar to it. Candidates are a
+        device mask and their count is tracked on the host, so nothing else is read back."""
         visual = ctx.visual_positions(b)
-        visual_pivots, text_pivots = self._pivots_of(ctx, b, official=True)
+        n = len(visual)
         per_pivot = max(0, (k - len(visual_pivots)) // self._pivots)
-        features = ctx.normed_hidden(b, torch.arange(ctx.hidden.shape[1], device=visual.device))
-        # the official code numbers tokens by their index in its (batch-1, unpadded) prompt
-        seq_of_visual = ctx.sequence_index(b, visual).tolist()
-        pivot_seq = [seq_of_visual[i] for i in visual_pivots.tolist()] + ctx.sequence_index(b, text_pivots).tolist()
-        slot_of_seq = {seq: slot for seq, slot in zip(ctx.sequence_index(b, torch.cat([visual, text_pivots])).tolist(),
-                                                      torch.cat([visual, text_pivots]).tolist(), strict=True)}
-        chosen = set(pivot_seq)
-        candidates = set(seq_of_visual) - {seq_of_visual[i] for i in visual_pivots.tolist()}
+        pivot_slots = torch.cat([visual[visual_pivots], text_pivots])
+        features = ctx.normed_hidden(b, torch.cat([visual, pivot_slots]))
+        visual_features, pivot_features = features[:n], features[n:]
+        row_of = {seq: i for i, seq in enumerate(pivot_seq)}
+        chosen = torch.zeros(n, dtype=torch.bool, device=visual.device).index_fill_(0, visual_pivots, True)
+        candidates, count = ~chosen, n - len(visual_pivots)
         for pivot in list(set(pivot_seq)):  # CPython's set order, as the official loop iterates it
-            pool = list(candidates)
-            if not pool or per_pivot == 0:
+            if count == 0 or per_pivot == 0:
                 break
-            rows = torch.tensor([slot_of_seq[seq] for seq in pool], device=visual.device)
-            cos = -F.cosine_similarity(features[slot_of_seq[pivot]][None], features[rows], dim=-1)
-            picks = [pool[i] for i in cos.topk(min(per_pivot, len(pool))).indices.tolist()]
-            chosen.update(picks)
-            candidates.difference_update(picks)
-        chosen.difference_update(ctx.sequence_index(b, text_pivots).tolist())
-        position_of = {seq: i for i, seq in enumerate(seq_of_visual)}
-        return torch.tensor(sorted(position_of[seq] for seq in chosen), device=visual.device)
+            take = min(per_pivot, count)
+            cos = -F.cosine_similarity(pivot_features[row_of[pivot]][None], visual_features, dim=-1)
+            picks = cos.masked_fill(~candidates, float("-inf")).topk(take).indices
+            chosen.index_fill_(0, picks, True)
+            candidates.index_fill_(0, picks, False)
+            count -= take
+        return positions_of(chosen[None], n - count)[0]
 
-    def _exact(self, ctx: StageContext, b: int, k: int) -> torch.Tensor:
+    def _exact(self, ctx: StageContext, b: int, k: int, after: int) -> torch.Tensor:
         visual = ctx.visual_positions(b)
-        visual_pivots, text_pivots = self._pivots_of(ctx, b, official=False)
+        visual_pivots, text_pivots = self._pivots_of(ctx, b, after, official=False)
         visual_pivots = visual_pivots[:k]
         features = F.normalize(ctx.normed_hidden(b).float(), dim=-1)
         pivot_features = torch.cat([features[visual_pivots],
                                     F.normalize(ctx.normed_hidden(b, text_pivots).float(), dim=-1)])
         available = torch.ones(len(visual), dtype=torch.bool, device=visual.device)
         available[visual_pivots] = False
+        count = len(visual) - len(visual_pivots)  # available tokens, tracked on the host
         chosen = [visual_pivots]
         remaining = k - len(visual_pivots)
         per_pivot = math.ceil(remaining / len(pivot_features)) if remaining > 0 else 0
         for pivot in pivot_features:
-            take = min(per_pivot, remaining, int(available.sum()))
+            take = min(per_pivot, remaining, count)
             if take <= 0:
                 break
             similarity = (features @ pivot).masked_fill(~available, float("inf"))
@@ -148,4 +189,5 @@ class DART(PruningMethod):
             available[picks] = False
             chosen.append(picks)
             remaining -= take
+            count -= take
         return torch.cat(chosen)

@@ -46,6 +46,7 @@ from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, Pru
 from clse_exp.pruning.methods.divprune import pre_llm_rules
 from clse_exp.pruning.methods.visionzip import per_image, require_clip_encoder, split_budget
 from clse_exp.pruning.signals import StageContext
+from clse_exp.pruning.slots import positions_of
 
 NEIGHBOURS = 32  # tokens each kept token absorbs (PM:268)
 
@@ -81,12 +82,6 @@ def plus_tokens(ranked: torch.Tensor, n: int, outliers: int, stride: int) -> tor
     return torch.cat([top, grid[~torch.isin(grid, top)]])
 
 
-def layout_sizes(ranked: torch.Tensor, n: int, stride: int) -> torch.Tensor:
-    """[n]: entry m - 1 is how many patches the top m outliers and the grid of `stride` hold together."""
-    grid = torch.arange(0, n - 1, stride, device=ranked.device)
-    return torch.arange(1, n + 1, device=ranked.device) + len(grid) - torch.isin(ranked, grid).long().cumsum(0)
-
-
 @functools.lru_cache(maxsize=64)
 def official_strides(n: int) -> dict[int, list[int]]:
     """Official grid stride -> the outlier counts that give it (every count with a stride of at least 1)."""
@@ -99,22 +94,48 @@ def official_strides(n: int) -> dict[int, list[int]]:
 
 
 def budgeted_tokens(ranked: torch.Tensor, n: int, kept: int) -> torch.Tensor:
-    """`kept` patches in the official outlier + grid structure (see the module docstring)."""
-    official = {}  # outlier count -> patches in its official layout
-    for stride, counts in official_strides(n).items():
-        sizes = layout_sizes(ranked, n, stride).tolist()
-        official.update({m: sizes[m - 1] for m in counts})
-    exact = [m for m, size in official.items() if size == kept]
-    if exact:
-        return plus_tokens(ranked, n, exact[0], official_stride(exact[0], n))
-    below = [m for m, size in official.items() if size < kept]
-    if not below:
+    """`kept` patches in the official outlier + grid structure (see the module docstring), found on the device:
+    the outlier count and stride it settles on are device scalars, never read back."""
+    largest = sum(len(counts) for counts in official_strides(n).values())  # outlier counts with a stride
+    if largest == 0 or kept == 0:
         return ranked[:kept]
-    start = below[-1]
-    stride = official_stride(start, n)
-    # from `start` (below `kept`) up to n outliers (above it) the layout grows by 0 or 1 patch per outlier
-    sizes = layout_sizes(ranked, n, stride)[start - 1 :]
-    return plus_tokens(ranked, n, start + int((sizes == kept).nonzero()[0]), stride)
+    device = ranked.device
+    counts = torch.arange(1, largest + 1, device=device)
+    strides = device_stride(counts, n)
+    # the official layout of m outliers: m + its grid, less the grid patches among the top m
+    official = counts + grid_length(strides, n) - grid_hits(ranked, strides, n).diagonal()
+    exact, below = official == kept, official < kept
+    first_exact = exact.to(torch.int8).argmax()
+    last_below = largest - 1 - below.flip(0).to(torch.int8).argmax()
+    # from the last count below `kept`, with its stride, the layout grows by 0 or 1 patch per further outlier
+    stride = torch.where(exact.any(), strides[first_exact], strides[last_below])
+    sizes = torch.arange(1, n + 1, device=device) + grid_length(stride, n) - grid_hits(ranked, stride[None], n)[0]
+    reach = (sizes == kept) & (torch.arange(n, device=device) >= last_below)
+    outliers = torch.where(exact.any(), first_exact + 1, torch.where(below.any(), reach.to(torch.int8).argmax() + 1,
+                                                                     kept))
+    # the order plus_tokens gives: outliers by rank, then the grid ascending (ranked[:kept] when none is below)
+    rank = torch.empty_like(ranked).scatter_(0, ranked, torch.arange(n, device=device))
+    patch = torch.arange(n, device=device)
+    top = rank < outliers
+    grid = (exact.any() | below.any()) & (patch % stride == 0) & (patch < n - 1) & ~top
+    key = torch.where(top, rank, torch.where(grid, n + patch, 2 * n + patch))
+    return key.argsort()[:kept]
+
+
+def device_stride(outliers: torch.Tensor, n: int) -> torch.Tensor:
+    """`official_stride` of device outlier counts, in float64 as the official floating point."""
+    return ((1 / (outliers.double() / n)).floor() / 3).floor().long()
+
+
+def grid_length(stride: torch.Tensor, n: int) -> torch.Tensor:
+    """Patches of the grid 0, stride, ... < n - 1 for each stride."""
+    return (n - 1 + stride - 1) // stride
+
+
+def grid_hits(ranked: torch.Tensor, strides: torch.Tensor, n: int) -> torch.Tensor:
+    """[len(strides), n]: entry (i, m - 1) is how many of the top m patches lie on the grid of strides[i]."""
+    on_grid = (ranked[None] % strides[:, None] == 0) & (ranked[None] < n - 1)
+    return on_grid.long().cumsum(1)
 
 
 class PruMergePlus(PruningMethod):
@@ -168,11 +189,13 @@ class PruMergePlus(PruningMethod):
         n = len(scores)
         ranked = scores.topk(n).indices
         if self.options.adaptive:
+            # the official count is the data's (numpy percentiles): one read per image, as kept counts go to the host
             outliers = max(1, iqr_outliers(scores))
             kept = plus_tokens(ranked, n, outliers, max(1, official_stride(outliers, n)))
         else:
             kept = budgeted_tokens(ranked, n, k - 1)
-        pruned = torch.ones(n, dtype=torch.bool, device=scores.device).index_fill_(0, kept, False).nonzero().flatten()
+        pruned = torch.ones(n, dtype=torch.bool, device=scores.device).index_fill_(0, kept, False)
+        pruned = positions_of(pruned[None], n - len(kept))[0]  # the kept patches are distinct
         patches = x[1:].to(dtype)
         unit = F.normalize(keys[1:], dim=-1)
         similarity = unit[kept] @ unit.T

@@ -44,13 +44,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
 
+from clse_exp.efficiency.counts import host_side, upload
 from clse_exp.errors import ConfigError, choose_one
-from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules, Selection
+from clse_exp.pruning.methods.base import (
+    BatchSelection,
+    Layers,
+    MethodOptions,
+    ModelFacts,
+    PruningMethod,
+    Rules,
+    Selection,
+    pack,
+)
 from clse_exp.pruning.signals import StageContext
+from clse_exp.pruning.slots import positions_of
 
 OFFICIAL_DEPTH = 32
 OFFICIAL_CUTS = (3, 7, 16)  # the official stages cut the outputs of layers 2, 6 and 15
@@ -133,6 +145,45 @@ def rater_positions(ctx: StageContext, b: int) -> torch.Tensor:
     relevance = (first.hidden[b, visual] @ ctx.hidden_at(0, b, after).T).softmax(-1).mean(0)
     raters = after[relevance > relevance.mean()]
     return raters if len(raters) else after
+
+
+def rater_positions_batch(ctx: StageContext, samples: list[int]) -> dict[int, torch.Tensor]:
+    """`rater_positions` for the `samples`, reading the device once for all of them: the candidates' count is
+    known on the host from the visual spans; only the raters (those above the mean relevance, a data-dependent
+    number) are read, with each sample's visual count at layer 0 to check it. Contexts built without the
+    engine's spans take the per-sample rule."""
+    if not samples:
+        return {}
+    if not ctx.segment_spans or not ctx.first_slot or not all(ctx.segment_spans[b] for b in samples):
+        return {b: rater_positions(ctx, b) for b in samples}
+    first = ctx.captures[0]
+    raters, checks, masks = {}, [], {}
+    for b in samples:
+        text = ctx.text_positions(b)
+        text_index = ctx.slots.idx[b, text]
+        visual = first.slots.valid[b] & ~torch.isin(first.slots.idx[b], text_index)  # text is never cut
+        checks.append(visual.sum()[None])
+        visual = positions_of(visual[None], ctx.n_visual[b])[0]
+        spans = ctx.segment_spans[b]
+        inside = torch.zeros_like(text_index, dtype=torch.bool)
+        for start, last in spans:
+            inside |= (text_index >= start) & (text_index <= last)
+        candidate = (text_index > first.slots.idx[b].gather(0, visual).min()) & ~inside
+        # the text after the first visual token, outside every span: all of it, less that inside the spans and
+        # that before the first span (whose first token is the first visual token)
+        inside_text = sum(last - start + 1 for start, last in spans) - ctx.n_visual[b]
+        count = ctx.n_text[b] - inside_text - (spans[0][0] - ctx.first_slot[b])
+        raters[b] = text[positions_of(candidate[None], count)[0]] if count > 0 else text
+        if count > 0:
+            relevance = (first.hidden[b, visual] @ ctx.hidden_at(0, b, raters[b]).T).softmax(-1).mean(0)
+            masks[b] = relevance > relevance.mean()
+    host = torch.cat(checks + [mask.long().sum()[None] for mask in masks.values()]).tolist()  # the stage's read
+    if host[: len(samples)] != [ctx.n_visual[b] for b in samples]:
+        raise RuntimeError("sparsevlm reads the visual tokens at layer 0's input, before any cut")
+    for (b, mask), chosen in zip(masks.items(), host[len(samples):], strict=True):
+        if chosen:  # else every candidate rates
+            raters[b] = raters[b][positions_of(mask[None], chosen)[0]]
+    return raters
 
 
 def split_exact(total: int, visual: int) -> tuple[int, int]:
@@ -231,24 +282,73 @@ class SparseVLM(PruningMethod):
         """official: k is the top-k count and the clusters come on top; uniform: k is kept + clusters. The rank
         rule replaces k by the rank of the rater attention, clusters on top, under either protocol."""
         relation = self.rater_attention(ctx, b)
+        if self.options.count_rule == "rank":
+            k = int(torch.linalg.matrix_rank(relation.float()))  # SVvid score.py:11-13
+        plan = self._plan(ctx, relation.shape[-1], k)
+        noise = None if plan is None else torch.rand(plan[2], generator=ctx.generator(b)) * DENSITY_NOISE
+        return self._choose(ctx, b, k, relation, plan, noise)
+
+    def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
+        """`select` for every sample, with one read of the device per prefill (the raters, whose number the data
+        sets; the rank rule's counts in one more per stage) and the density noise drawn on the host and uploaded
+        once per stage."""
+        samples = [b for b, k in enumerate(budgets) if k is not None]
+        raters = self._raters(ctx, samples)
+        relations = {b: ctx.attention_rows(b, raters[b], ctx.layer - 1) for b in samples}
+        counts = {b: budgets[b] for b in samples}
+        if self.options.count_rule == "rank" and samples:  # SVvid score.py:11-13: the rank sets the count
+            ranks = torch.stack([torch.linalg.matrix_rank(relations[b].float()) for b in samples]).tolist()
+            counts = dict(zip(samples, ranks, strict=True))
+        plans = {b: self._plan(ctx, ctx.n_current[b], counts[b]) for b in samples}
+        drawn = [b for b in samples if plans[b] is not None]
+        noise: dict[int, torch.Tensor] = {}
+        if drawn:
+            with host_side():  # the official global RNG draw, from each sample's own generator
+                draws = [torch.rand(plans[b][2], generator=ctx.generator(b)) * DENSITY_NOISE for b in drawn]
+            uploaded = upload(torch.cat(draws), ctx.hidden.device)
+            noise = dict(zip(drawn, uploaded.split([len(d) for d in draws]), strict=True))
+        selections: list[Selection | None] = [None] * len(budgets)
+        for b in samples:
+            choice = self._choose(ctx, b, counts[b], relations[b], plans[b], noise.get(b))
+            selections[b] = Selection(choice.sort().values) if isinstance(choice, torch.Tensor) else choice
+        return pack(selections, ctx)
+
+    def _raters(self, ctx: StageContext, samples: list[int]) -> dict[int, torch.Tensor]:
+        """Current slot positions of the samples' raters. They depend on layer 0's input only, so the first stage
+        of a prefill finds them (`rater_positions_batch`, one read) and keeps their ORIGINAL indices, tied to that
+        prefill's layer-0 capture; later stages look them up (text is never cut)."""
+        first = ctx.captures[0]
+        cache = getattr(self, "_rater_cache", None)
+        known = cache[1] if cache is not None and cache[0]() is first else {}
+        fresh = rater_positions_batch(ctx, [b for b in samples if b not in known])
+        known = known | {b: ctx.slots.idx[b, positions] for b, positions in fresh.items()}
+        self._rater_cache = (weakref.ref(first), known)
+        return {b: fresh[b] if b in fresh else ctx.slots.lookup(known[b], b) for b in samples}
+
+    def _plan(self, ctx: StageContext, n: int, k: int) -> tuple[int, int, int] | None:
+        """(kept by score, clusters, recycled tokens) of a sample with n current tokens asked for k (the rank
+        under the rank rule), all on the host; None when nothing is recycled."""
+        rank_rule = self.options.count_rule == "rank"
+        if (rank_rule and k >= n) or not self.options.recycle:
+            return None
+        kept, clusters = (k, None) if ctx.protocol == "official" or rank_rule else split_exact(k, n)
+        recycled = recycled_count(n - kept)
+        return kept, cluster_count(recycled) if clusters is None else clusters, recycled
+
+    def _choose(self, ctx: StageContext, b: int, k: int, relation: torch.Tensor, plan: tuple[int, int, int] | None,
+                noise: torch.Tensor | None) -> torch.Tensor | Selection:
+        """The selection from the raters' attention `relation` and the host's `plan`; nothing read back."""
         scores = relation.mean(0)
         n = len(scores)
-        rank_rule = self.options.count_rule == "rank"
-        if rank_rule:
-            k = int(torch.linalg.matrix_rank(relation.float()))  # SVvid score.py:11-13
-            if k >= n:  # score.py:19-21: nothing pruned, nothing recycled
-                return torch.arange(n, device=scores.device)
-        if not self.options.recycle:
+        if self.options.count_rule == "rank" and k >= n:  # score.py:19-21: nothing pruned, nothing recycled
+            return torch.arange(n, device=scores.device)
+        if plan is None:
             return scores.topk(k).indices
-        official_split = ctx.protocol == "official" or rank_rule
-        kept_count, clusters = (k, None) if official_split else split_exact(k, n)
+        kept_count, clusters, recycled_tokens = plan
         kept = scores.topk(kept_count).indices.sort().values
-        pruned = torch.ones(n, dtype=torch.bool, device=scores.device)
-        pruned[kept] = False
-        pruned = pruned.nonzero().flatten()
-        recycled = pruned[scores[pruned].topk(recycled_count(len(pruned))).indices]
-        clusters = cluster_count(len(recycled)) if clusters is None else clusters
-        noise = torch.rand(len(recycled), generator=ctx.generator(b)) * DENSITY_NOISE
+        pruned = torch.ones(n, dtype=torch.bool, device=scores.device).index_fill_(0, kept, False)
+        pruned = positions_of(pruned[None], n - kept_count)[0]
+        recycled = pruned[scores[pruned].topk(recycled_tokens).indices]
         features = ctx.hidden_states(b)
         means, centres = dpc_knn_merge(features[recycled], clusters, noise)
         order = torch.cat([kept, recycled[centres]])

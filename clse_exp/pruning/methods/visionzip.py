@@ -58,6 +58,7 @@ from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules, Selection
 from clse_exp.pruning.methods.divprune import pre_llm_rules
 from clse_exp.pruning.signals import StageContext
+from clse_exp.pruning.slots import positions_of
 
 # (dominant incl. [CLS], contextual) per LLaVA-1.5 budget: 54 + 10 is in the code (VZ:README.md:127-128); 162 + 30
 # and 108 + 20 are the paper's (its Tables 8-9, quoted in docs/baselines.md section 4(c); not in the repository).
@@ -126,15 +127,18 @@ def merge_contextual(dominant: torch.Tensor, metric: torch.Tensor, features: tor
     `dominant` (ascending), every (R // contextual)-th is a target; every other one joins the target with the
     most similar key (cosine; first on ties), and a contextual token is its target + the MEAN of its members.
     Returns (targets, members, merged rows [contextual, C]) in `features`' dtype."""
-    left = torch.ones(metric.shape[0], dtype=torch.bool, device=metric.device).index_fill_(0, dominant, False)
-    remaining = left.nonzero().flatten()
-    is_target = torch.zeros(len(remaining), dtype=torch.bool, device=metric.device)
-    step = max(1, len(remaining) // contextual)
-    is_target[torch.arange(0, len(remaining), step, device=metric.device)[:contextual]] = True
-    targets, members = remaining[is_target], remaining[~is_target]
+    n = metric.shape[0]
+    left = torch.ones(n, dtype=torch.bool, device=metric.device).index_fill_(0, dominant, False)
+    count = n - len(dominant)  # the topk's picks are distinct: every count here is known on the host
+    remaining = positions_of(left[None], count)[0]
+    step = max(1, count // contextual)
+    target = torch.arange(0, count, step, device=metric.device)[:contextual]
+    is_target = torch.zeros(count, dtype=torch.bool, device=metric.device).index_fill_(0, target, True)
+    member = positions_of(~is_target[None], count - len(target))[0]
+    targets, members = remaining[target], remaining[member]
     unit = metric[remaining]
     unit = unit / unit.norm(dim=-1, keepdim=True)
-    assign = (unit[~is_target] @ unit[is_target].T).argmax(dim=1)
+    assign = (unit[member] @ unit[target].T).argmax(dim=1)
     return targets, members, features[targets] + per_token(features[members], assign, len(targets))
 
 
@@ -163,7 +167,18 @@ def per_token(values: torch.Tensor, token: torch.Tensor, tokens: int) -> torch.T
     with no rows gets zeros."""
     sums = torch.zeros((tokens, *values.shape[1:]), dtype=values.dtype, device=values.device)
     sums.index_add_(0, token, values)
-    return sums / torch.bincount(token, minlength=tokens).clamp(min=1).view(-1, *[1] * (values.dim() - 1))
+    rows = torch.zeros(tokens, dtype=torch.long, device=token.device).index_add_(0, token, torch.ones_like(token))
+    return sums / rows.clamp(min=1).view(-1, *[1] * (values.dim() - 1))  # a bincount, without its sync
+
+
+def token_counts(ctx: StageContext, b: int, inputs: list) -> list[int]:
+    """Visual tokens of each of sample b's encoded segments: their grids' sizes (known on the host) when the
+    grids match the segments and the sample's count; otherwise read from the rows' token map."""
+    grids = ctx.grids(b)
+    sizes = [t * h * w for t, h, w in grids]
+    if len(grids) == len(inputs) and sum(sizes) == ctx.n_current[b]:
+        return sizes
+    return [int(rows.token.max()) + 1 for rows in inputs]
 
 
 @functools.cache
@@ -255,10 +270,10 @@ class VisionZip(PruningMethod):
         current = ctx.hidden_states(b)
         official = ctx.protocol == "official"
         scores, metrics = [], []
-        for rows in ctx.vision_inputs(b, -1):
+        inputs = ctx.vision_inputs(b, -1)
+        for rows, tokens in zip(inputs, token_counts(ctx, b, inputs), strict=True):
             dtype = rows.hidden.dtype if official else torch.float32
             queries, keys = ctx.encoder_queries_keys(layer, rows)
-            tokens = int(rows.token.max()) + 1
             scores.append(per_token(received_attention(queries, keys, rows.blocks, dtype), rows.token, tokens))
             metrics.append(per_token(keys.to(dtype).float().transpose(0, 1), rows.token, tokens).mean(dim=1))
         score, metric = torch.cat(scores).to(current.device), torch.cat(metrics).to(current.device)  # device_map
