@@ -80,3 +80,11 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # before or after a run (Hydra startup, logging teardown)
         print("clse_exp: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:  # `--help` composes outside Hydra's reporter (clse_exp.cli_errors covers the rest)
+        from clse_exp.cli_errors import one_line
+
+        line = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else one_line(err)
+        if line is None:
+            raise
+        print(f"clse_exp: error: {line}", file=sys.stderr)
+        sys.exit(2)

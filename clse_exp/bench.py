@@ -239,7 +239,7 @@ def _probe(method: str, keep: float, cfg: DictConfig, loaded: models.LoadedModel
             pass
     except ValueError as err:  # the family lacks what the method reads (e.g. the vision encoder's layers)
         return str(err)
-    pruner.time_stages = True
+    pruner.time_stages = bool(cfg.ideal)  # the overhead split synchronizes around each stage; plain timing does not
     return pruner
 
 
@@ -404,6 +404,8 @@ def flash_available() -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Everything checkable before a model is built: one line naming the bad value."""
+    from clse_exp.config import DTYPES, looks_local
+
     for key, low in (("repeats", 0), ("warmup", 0), ("decode_tokens", 1), ("visual_tokens", 4), ("images", 1)):
         if cfg[key] < low:
             raise ConfigError(f"{key}={cfg[key]} must be >= {low}")
@@ -419,7 +421,17 @@ def validate(cfg: DictConfig) -> None:
     if cfg.memory_budget_gb is not None and not cfg.memory_budget_gb > 0:
         raise ConfigError(f"memory_budget_gb={cfg.memory_budget_gb} must be > 0 (GiB), or null")
     choose_one("model.family", cfg.model.family, BENCH_FAMILIES)
-    if not cfg.model.path:
+    choose_one("model.dtype", cfg.model.dtype, DTYPES)
+    side = math.isqrt(cfg.visual_tokens)
+    if side * side != cfg.visual_tokens:  # one image is a side x side grid of visual tokens
+        raise ConfigError(f"visual_tokens={cfg.visual_tokens} is not a square number (one image is a sqrt(n) x sqrt(n) "
+                          f"grid); e.g. visual_tokens={side * side} or {(side + 1) ** 2}")
+    if cfg.model.path:  # read config.json now (cache first, one probe of the hub): one line, before any weights
+        if looks_local(cfg.model.path) and not Path(cfg.model.path).expanduser().exists():
+            raise ConfigError(f"model.path={cfg.model.path!r} does not exist: give an existing local directory, a hub "
+                              "id, or null for a random model")
+        models.describe({"name": f"bench_{cfg.model.family}", "family": cfg.model.family, "path": cfg.model.path})
+    else:
         model_spec(cfg.model, image_side(cfg))
     for method in cfg.methods:
         choose_one("methods entry", method, sorted(METHODS))

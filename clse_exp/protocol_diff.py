@@ -8,25 +8,44 @@ The README's protocol table was measured with it on `tiny_llava15`.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from omegaconf import OmegaConf
 
 from clse_exp import load_model, make_pruner
-from clse_exp.config import CONF_DIR, group_options
+from clse_exp.config import CONF_DIR, TinySpec, group_options
 from clse_exp.data.synthetic import synthetic_dataset
 from clse_exp.errors import ConfigError, choose_one
 from clse_exp.generation import prepare
+
+
+def check_args(model: str, method: str, samples: int) -> None:
+    """Refuse, before any model is built, what would otherwise fail deep in a forward with a traceback."""
+    choose_one("--model", model, group_options("model"))
+    # prune=none has no kept set to compare: it is the unpruned model under both protocols
+    choose_one("method", method, [name for name in group_options("prune") if name != "none"])
+    if samples < 1:
+        raise ConfigError(f"--samples={samples} must be >= 1 (synthetic questions in the batch)")
+
+
+def check_width(width: int, heads: int) -> None:
+    """A hidden size the tiny builders can split into `heads` rotary heads (an even head dim of 8 or more)."""
+    if width < 8 * heads or width % (2 * heads):
+        raise ConfigError(f"--width={width} must be a multiple of {2 * heads} and at least {8 * heads} (the tiny model "
+                          f"has {heads} heads; each needs an even head dim >= 8), e.g. --width {max(64, 8 * heads)}")
 
 
 def compare(model: str, method: str, keep: float, budget: str, samples: int = 4, width: int | None = None) -> dict:
     """Kept counts and overlaps per stage, max logit difference and retention, official vs uniform. `width`
     widens a tiny model (hidden `width`, intermediate 2 x `width`): CDPruner's DPP kernel has rank <= hidden,
     so a 64-wide model runs out of rank long before 192 picks, which a real LLaVA (4096 wide) never does."""
+    check_args(model, method, samples)
     cfg = OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")
     if width is not None:
         if not cfg.get("tiny"):
             raise ConfigError(f"--width applies to tiny models; {model} is a real checkpoint")
+        check_width(width, int(cfg.tiny.get("num_heads") or TinySpec.num_heads))
         cfg.tiny.hidden_size, cfg.tiny.intermediate_size = width, 2 * width
     loaded = load_model(cfg, "cpu")
     batch = synthetic_dataset(samples, image_size=loaded.cfg.get("tiny", {}).get("image_size") or 224)
@@ -60,10 +79,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=None, help="hidden size of the tiny model (default: its own)")
     args = parser.parse_args()
     try:
-        choose_one("--model", args.model, group_options("model"))
         result = compare(args.model, args.method, args.keep, args.budget, args.samples, args.width)
-    except ConfigError as err:
-        raise SystemExit(f"clse_exp.protocol_diff: error: {err}") from None
+    except ConfigError as err:  # one line and exit 2, as every refused config here
+        print(f"clse_exp.protocol_diff: error: {err}", file=sys.stderr)
+        sys.exit(2)
     width = f" (hidden {args.width})" if args.width else ""
     print(f"{args.method} on {args.model}{width}, keep={args.keep} ({args.budget}), {args.samples} samples")
     print(f"  kept per stage: official {result['counts']['official']}, uniform {result['counts']['uniform']}")

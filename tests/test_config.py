@@ -92,9 +92,14 @@ def test_bad_values_fail_before_any_weights_load(overrides, fragments, monkeypat
         assert fragment in message, message
 
 
-def test_a_hub_model_that_is_not_cached_fails_fast_offline(monkeypatch):
+def test_a_hub_model_that_is_not_cached_fails_fast_offline(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="model.path='Qwen/Qwen2-VL-7B-Instruct'.*neither on disk nor reachable"):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: the variable alone comes too late
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match="model.path='Qwen/Qwen2-VL-7B-Instruct' is not in the local Hugging Face "
+                                          "cache .* and HF_HUB_OFFLINE is set; download it"):
         validate_run(compose_config(["model=qwen2vl"]))
 
 

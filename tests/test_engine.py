@@ -352,6 +352,40 @@ def test_an_image_too_small_for_the_budget_is_recorded_not_hidden():
     assert not pruner.records[0].budget_unreachable
 
 
+def test_a_count_rule_that_departs_from_keep_is_flagged_and_logged_once(caplog):
+    """Official CLSE on LLaVA at keep=0.33: round(0.33 * 576) = 190 is no table entry, so the count rule
+    (1.72, 1.09, 0.32) x 190 keeps 326, 207, 60 at layers 1, 11, 21 of 32, a layer average of
+    (576 + 10 * 326 + 10 * 207 + 11 * 60) / (32 * 576) = 0.356 where 0.33 was asked: beyond 0.02 plus half a
+    token, so every such sample is flagged and the run says why once. The uniform protocol hits 0.33."""
+    loaded = model_with("tiny_llava15")
+    batch = loaded.prepare(samples(2, images_per_sample=(1,)))
+    flags = {}
+    for protocol in ("official", "uniform"):
+        pruner = make_pruner("clse", keep=0.33, protocol=protocol)
+        with caplog.at_level("WARNING", logger="clse_exp"):
+            greedy(loaded, batch, pruner)
+        records = pruner.records
+        flags[protocol] = [r.budget_unreachable for r in records]
+        if protocol == "official":
+            assert [r.kept_per_stage for r in records] == [[326, 207, 60]] * 2
+            expected = (576 + 10 * 326 + 10 * 207 + 11 * 60) / (32 * 576)
+            assert records[0].retention["average"] == pytest.approx(expected)
+    assert flags == {"official": [True, True], "uniform": [False, False]}
+    assert caplog.text.count("a sample kept 0.356 of its 576 visual tokens") == 1
+
+
+def test_departure_allows_half_a_token_per_grid():
+    from clse_exp.pruning.record import RETENTION_ATOL, SampleRecord
+
+    # 4 frames of 3 x 3 pooled to 2 x 2: 16 of 36 kept at the one layer, 0.444 for keep 1/3
+    pooled = SampleRecord(36, 40, [[4, 3, 3]], [20], [20])
+    assert pooled.departure(1 / 3, "average") == pytest.approx(16 / 36)
+    allowance = RETENTION_ATOL + 0.5 * 4 / 36
+    near = SampleRecord(36, 40, [[4, 3, 3]], [4 + 14], [18])  # 14 / 36 = 0.389: within 0.02 + 2 / 36
+    assert near.departure(1 / 3, "average") is None and 14 / 36 - 1 / 3 < allowance
+    assert SampleRecord(36, 40, [[4, 3, 3]], [4 + 14], [18]).departure(0.3, "final") == pytest.approx(14 / 36)
+
+
 def test_budgets_the_layers_cannot_reach_fail_before_any_forward():
     with pytest.raises(ConfigError, match="smallest average retention"):
         make_pruner("pdrop", keep=0.1, model="tiny_qwen2vl")  # first cut at layer 7 of 28: floor 0.25

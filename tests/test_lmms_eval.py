@@ -152,10 +152,54 @@ def test_bad_model_arg_exits_nonzero_from_the_command_line(tmp_path: Path) -> No
     assert done.stderr.strip().splitlines()[-1].startswith("clse_exp.lmms: error: keep=2.0 is outside (0, 1]")
 
 
-def test_failed_evaluation_exits_nonzero(task_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """lmms-eval itself logs the error and exits 0; the wrapper sees no results file and says so."""
-    assert _lmms(task_dir, tmp_path / "out", "prune=clse", "--tasks", "no_such_task") == 1
-    assert "lmms-eval wrote no results file" in capsys.readouterr().err
+def test_unknown_task_is_one_line_and_exit_2_before_lmms_eval_starts(task_dir: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """lmms-eval itself prints a traceback and exits 0; the wrapper checks the names against lmms-eval's index."""
+    assert _lmms(task_dir, tmp_path / "out", "prune=clse", "--tasks", "clse_synthetc") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("clse_exp.lmms: error: --tasks clse_synthetc: no such lmms-eval task")
+    assert "clse_synthetic" in lines[0]  # the close match
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_evaluation_is_one_line_and_exits_nonzero(task_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """An error inside lmms-eval's evaluation: one line naming it and exit 1, not its traceback and exit 0."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the checkpoint is damaged")
+
+    monkeypatch.setattr("clse_exp.lmms.model.load", broken)
+    assert _lmms(task_dir, tmp_path / "out", "model=toy_qwen2vl,prune=clse") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("clse_exp.lmms: error: the evaluation failed: RuntimeError: the checkpoint "
+                                            "is damaged (--verbosity DEBUG shows the traceback)")
+
+
+def test_other_model_whose_class_cannot_import_is_one_line() -> None:
+    from clse_exp.errors import ConfigError
+    from clse_exp.lmms.__main__ import check_model
+
+    with pytest.raises(ConfigError, match=r"--model 'nope' is not an lmms-eval model; choose one of: .*llava_hf"):
+        check_model("nope")
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"--model llava_hf: lmms-eval's class for it cannot be imported here "
+                                              r"\(No module named 'decord'\)"):
+            check_model("llava_hf")
+
+
+@pytest.mark.slow  # a fresh interpreter and lmms-eval's registry: ~10 s
+def test_other_model_that_cannot_run_exits_nonzero_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "clse_exp.lmms", "--model", "no_such_model", "--tasks", "pope",
+                           "--output_path", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clse_exp.lmms: error: --model 'no_such_model' is not an lmms-eval")
 
 
 def _write_video(path: Path, frames: list) -> None:

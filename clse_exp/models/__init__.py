@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from clse_exp.config import validate_model
+from clse_exp.config import FAMILIES, group_options, validate_model
 from clse_exp.data.sample import Sample
 from clse_exp.errors import ConfigError
 from clse_exp.models.base import LoadedModel, ModelAdapter, VisualSegment, sample_kinds
+from clse_exp.models.hub import ensure_available
 from clse_exp.models.internvl import InternVLAdapter
 from clse_exp.models.llava import LlavaAdapter, VideoLlavaAdapter
 from clse_exp.models.llava_onevision import LlavaOnevisionAdapter
@@ -63,13 +64,19 @@ def _model_class(family: str) -> type:
 def _load_pretrained(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoProcessor
 
+    ensure_available(cfg.path)
     processor_kwargs = {k: cfg[k] for k in ("min_pixels", "max_pixels") if cfg.get(k) is not None}
-    processor = AutoProcessor.from_pretrained(cfg.path, **processor_kwargs)
-    # device_map (accelerate) splits a model too large for one device over every visible GPU (and CPU/disk)
-    model = _model_class(cfg.family).from_pretrained(
-        cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation,
-        device_map=cfg.get("device_map") or str(device),
-    )
+    try:
+        processor = AutoProcessor.from_pretrained(cfg.path, **processor_kwargs)
+        # device_map (accelerate) splits a model too large for one device over every visible GPU (and CPU/disk)
+        model = _model_class(cfg.family).from_pretrained(
+            cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+            device_map=cfg.get("device_map") or str(device),
+        )
+    except OSError as err:  # a file missing from the cache or the directory (config.json alone is checked first)
+        first = " ".join(str(err).split())[:200]
+        raise ConfigError(f"model.path={cfg.path!r}: its processor or weights cannot be read ({first}); give a "
+                          "complete local directory or download the whole checkpoint") from err
     return model.eval(), processor
 
 
@@ -97,6 +104,7 @@ def describe(cfg: DictConfig | dict) -> ModelFacts:
         return ModelFacts(adapter.family, int(cfg.tiny.num_layers), adapter.mrope)
     from transformers import AutoConfig
 
+    ensure_available(cfg.path)  # seconds, one line, when it is neither cached nor downloadable
     try:
         config = AutoConfig.from_pretrained(cfg.path)
     except (OSError, ValueError) as err:
@@ -121,9 +129,22 @@ def check_inputs(cfg: DictConfig | dict, samples: list[Sample]) -> None:
                               f"use a dataset without {kind}s or a family that takes them: {able}")
 
 
+def check_complete(cfg: DictConfig) -> None:
+    """A model config without a name or family is one line naming the configs and families that exist,
+    not omegaconf's MissingMandatoryValue traceback."""
+    missing = [key for key in ("name", "family") if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None]
+    if missing:
+        given = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+        shown = {k: v for k, v in given.items() if v is not None and v != "???"} if isinstance(given, dict) else given
+        raise ConfigError(f"model config {shown} has no {' or '.join(missing)}: give a conf/model name (one of: "
+                          f"{', '.join(group_options('model'))}) or a config with name, family (one of: "
+                          f"{', '.join(FAMILIES)}) and path (a hub id or local directory)")
+
+
 def load(cfg: DictConfig | dict, device: str | torch.device = "auto") -> LoadedModel:
     """Load (or reuse from this process) the model named by a `conf/model` config."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    check_complete(cfg)
     validate_model(cfg)
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(cfg.dtype, device)

@@ -366,12 +366,27 @@ class Pruner:
         if self._last is None:
             return []
         return [{"layer": s.layer, "budget": s.budget, "kept": s.kept, "merged": s.merged, "seconds": s.seconds}
-                for s in _read_back(self._last, self.facts.num_layers)[0]]
+                for s in self._read_records()[0]]
 
     @property
     def records(self) -> list[SampleRecord]:
         """Per sample of the last prefill: tokens each layer processed and cached, kept tokens per stage."""
-        return list(_read_back(self._last, self.facts.num_layers)[1]) if self._last is not None else []
+        return list(self._read_records()[1]) if self._last is not None else []
+
+    def _read_records(self) -> tuple[list[StageRecord], list[SampleRecord]]:
+        """The last prefill's records; the first read also flags (and logs once) every sample whose achieved
+        retention departs from `keep` beyond whole-token rounding, whatever rule set its counts."""
+        first = self._last._read is None
+        stages, records = _read_back(self._last, self.facts.num_layers)
+        for record in records if first else []:
+            achieved = record.departure(self.keep, self.budget)
+            if achieved is not None:
+                self._notice(f"a sample kept {achieved:.3f} of its {record.n_visual} visual tokens ({self.budget} "
+                             f"retention, stages keep {record.kept_per_stage}) where keep={self.keep}: the counts "
+                             f"{'its official rule' if self.official_counts else 'it'} sets for this input depart "
+                             "from keep beyond whole-token rounding")
+                record.budget_unreachable = True
+        return stages, records
 
     @property
     def stage_seconds(self) -> float:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+# A sample's achieved retention may differ from `keep` by this much plus half a token per grid (counts are
+# whole tokens per grid or frame) before its record is flagged as departing from the asked budget.
+RETENTION_ATOL = 0.02
+
 
 @dataclass
 class StageRecord:
@@ -32,7 +36,9 @@ class SampleRecord:
     cached: list[int]  # per decoder layer: tokens its KV cache holds after prefill
     kept_per_stage: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # ORIGINAL visual indices after the last cut
-    budget_unreachable: bool = False  # the image is too small for the asked budget: fewest tokens kept
+    # the kept counts do not stand for the asked budget: the image is too small, or a count rule (an official
+    # table or formula, a pooled grid) departs from keep beyond its rounding; retention says what was kept
+    budget_unreachable: bool = False
     # the grids of the unreduced input when the method reduced it before the model (downsampled images):
     # n_visual and n_prompt then count that input, while grids and kept describe the tokens really fed
     original_grids: list[list[int]] | None = None
@@ -50,6 +56,18 @@ class SampleRecord:
             return {"average": 1.0, "final": 1.0}
         per_layer = self.visual_per_layer
         return {"average": sum(per_layer) / (self.n_visual * len(per_layer)), "final": per_layer[-1] / self.n_visual}
+
+    def rounding_allowance(self) -> float:
+        """Half a token per grid (video frame) over the visual tokens: how far whole-token counts per grid
+        may legitimately sit from an exact share."""
+        grids = self.original_grids or self.grids or [[1, 0, 0]]
+        return 0.5 * sum(int(grid[0]) for grid in grids) / self.n_visual if self.n_visual else 0.0
+
+    def departure(self, keep: float, budget: str) -> float | None:
+        """The achieved `budget` retention ("average" or "final") when it departs from `keep` by more than
+        RETENTION_ATOL plus the rounding allowance, else None."""
+        achieved = self.retention[budget]
+        return achieved if abs(achieved - keep) > RETENTION_ATOL + self.rounding_allowance() + 1e-9 else None
 
     def as_dict(self) -> dict:
         """The JSON form written to predictions.jsonl."""

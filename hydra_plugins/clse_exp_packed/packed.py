@@ -16,6 +16,7 @@ from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
+from clse_exp.errors import ConfigError
 from hydra_plugins.clse_exp_packed.submit import SubmittingLauncher
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ class PackedLauncher(SubmittingLauncher):
     def __init__(self, points_per_job: int = 4, **params: Any) -> None:
         super().__init__(**params)
         if points_per_job < 1:
-            raise ValueError(f"points_per_job={points_per_job} must be >= 1")
+            raise ConfigError(f"hydra.launcher.points_per_job={points_per_job} must be >= 1")
         self.points_per_job = points_per_job
 
     def run_points(self, points: list[tuple]) -> list[JobReturn]:

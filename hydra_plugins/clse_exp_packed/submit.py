@@ -11,6 +11,8 @@ fails with one line per lost job: its sweep points, the scheduler's state and it
 # No `from __future__ import annotations` (see packed.py: Hydra's plugin scan imports this module).
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +25,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
+from clse_exp.errors import ConfigError
 from clse_exp.sweep_status import attempt_points, failure_lines
 
 log = logging.getLogger(__name__)
@@ -85,12 +88,36 @@ def wait_for_jobs(jobs: Sequence[Any], labels: Sequence[str], sweep_dir: str) ->
     return results
 
 
+LOCAL_HINT = ("run the sweep on this machine with hydra/launcher=local (or without hydra/launcher), or start a "
+              "one-node SLURM with `sudo launchers/local-slurm/start.sh` and use +cluster=local")
+
+
+def check_slurm_controller(timeout_s: float = 10.0) -> None:
+    """Raise ConfigError (one line) unless a SLURM controller answers: without one, submitit fails with a
+    traceback (no `srun`) or `sbatch` waits and retries before failing."""
+    missing = [tool for tool in ("sbatch", "srun", "scontrol") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(f"the SLURM launcher: no SLURM controller was found ({', '.join(missing)} not on PATH); "
+                          + LOCAL_HINT)
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"the SLURM launcher: no SLURM controller was found (`scontrol ping` gave no answer in "
+                          f"{timeout_s:g} s); {LOCAL_HINT}") from None
+    answer = " ".join((ping.stdout + ping.stderr).split())
+    if ping.returncode != 0 or "UP" not in answer.split():
+        raise ConfigError(f"the SLURM launcher: no SLURM controller was found (`scontrol ping`: {answer[:160]}); "
+                          + LOCAL_HINT)
+
+
 class SubmittingLauncher(BaseSubmititLauncher):
     """What the launchers here share: the executor, the sweep points as job arguments, the waiting."""
 
     def _executor(self) -> Any:
         import submitit
 
+        if self._EXECUTOR == "slurm":
+            check_slurm_controller()
         params = dict(self.params)
         init = {"folder": params.pop("submitit_folder")}
         if "max_num_timeout" in params:
