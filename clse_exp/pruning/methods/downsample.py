@@ -43,6 +43,7 @@ unreduced token count, and the vision FLOPs of the grids really encoded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clse_exp.data.sample import Sample
+from clse_exp.efficiency.counts import host_side, upload
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.base import Layers, ModelFacts, PruningMethod, Rules, Selection
 from clse_exp.pruning.methods.divprune import pre_llm_rules
@@ -104,13 +106,20 @@ def pool_grid(tokens: torch.Tensor, t: int, h: int, w: int, rows: int, cols: int
     channels = tokens.shape[-1]
     frames = tokens.reshape(t, h, w, channels).permute(0, 3, 1, 2)
     pooled = F.adaptive_avg_pool2d(frames, (rows, cols)).permute(0, 2, 3, 1).reshape(-1, channels)
+    return pooled, _window_centres(t, h, w, rows, cols, tokens.device)
 
+
+@functools.lru_cache(maxsize=64)
+def _window_centres(t: int, h: int, w: int, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """The centre token of each adaptive pooling window, built on the host and uploaded once per grid shape (a
+    batch of same-sized images costs one upload, not one per sample)."""
     def centres(side: int, out: int) -> list[int]:  # adaptive windows: [floor(i*side/out), ceil((i+1)*side/out))
         return [((i * side) // out + -(-(i + 1) * side // out) - 1) // 2 for i in range(out)]
 
-    r, c = torch.tensor(centres(h, rows)), torch.tensor(centres(w, cols))
-    frame = torch.arange(t)[:, None, None] * h * w
-    return pooled, (frame + r[None, :, None] * w + c[None, None, :]).flatten().to(tokens.device)
+    with host_side():
+        r, c = torch.tensor(centres(h, rows)), torch.tensor(centres(w, cols))
+        index = (torch.arange(t)[:, None, None] * h * w + r[None, :, None] * w + c[None, None, :]).flatten()
+    return upload(index, device)
 
 
 def _min_pixels(part: Any) -> int:
