@@ -36,11 +36,16 @@ def check_width(width: int, heads: int) -> None:
                           f"has {heads} heads; each needs an even head dim >= 8), e.g. --width {max(64, 8 * heads)}")
 
 
-def compare(model: str, method: str, keep: float, budget: str, samples: int = 4, width: int | None = None) -> dict:
+def compare(model: str, method: str, keep: float, budget: str, samples: int = 4, width: int | None = None,
+            variant: str = "image", frames: int = 4) -> dict:
     """Kept counts and overlaps per stage, max logit difference and retention, official vs uniform. `width`
     widens a tiny model (hidden `width`, intermediate 2 x `width`): CDPruner's DPP kernel has rank <= hidden,
-    so a 64-wide model runs out of rank long before 192 picks, which a real LLaVA (4096 wide) never does."""
+    so a 64-wide model runs out of rank long before 192 picks, which a real LLaVA (4096 wide) never does.
+    `variant` (image, multi_image, video; `frames` per video) picks the synthetic inputs."""
     check_args(model, method, samples)
+    choose_one("--variant", variant, ["image", "multi_image", "video"])
+    if frames < 1:
+        raise ConfigError(f"--frames={frames} must be >= 1 (frames per synthetic video)")
     cfg = OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")
     if width is not None:
         if not cfg.get("tiny"):
@@ -48,7 +53,8 @@ def compare(model: str, method: str, keep: float, budget: str, samples: int = 4,
         check_width(width, int(cfg.tiny.get("num_heads") or TinySpec.num_heads))
         cfg.tiny.hidden_size, cfg.tiny.intermediate_size = width, 2 * width
     loaded = load_model(cfg, "cpu")
-    batch = synthetic_dataset(samples, image_size=loaded.cfg.get("tiny", {}).get("image_size") or 224)
+    batch = synthetic_dataset(samples, image_size=loaded.cfg.get("tiny", {}).get("image_size") or 224,
+                              variant=variant, num_frames=frames)
     runs = {}
     for protocol in ("official", "uniform"):
         pruner = make_pruner(method, keep=keep, budget=budget, protocol=protocol)
@@ -77,14 +83,18 @@ def main() -> None:
     parser.add_argument("--budget", default="final")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--width", type=int, default=None, help="hidden size of the tiny model (default: its own)")
+    parser.add_argument("--variant", default="image", help="synthetic inputs: image, multi_image or video")
+    parser.add_argument("--frames", type=int, default=4, help="frames per synthetic video")
     args = parser.parse_args()
     try:
-        result = compare(args.model, args.method, args.keep, args.budget, args.samples, args.width)
+        result = compare(args.model, args.method, args.keep, args.budget, args.samples, args.width, args.variant,
+                         args.frames)
     except ConfigError as err:  # one line and exit 2, as every refused config here
         print(f"clse_exp.protocol_diff: error: {err}", file=sys.stderr)
         sys.exit(2)
     width = f" (hidden {args.width})" if args.width else ""
-    print(f"{args.method} on {args.model}{width}, keep={args.keep} ({args.budget}), {args.samples} samples")
+    inputs = f"{args.variant} samples{f' of {args.frames} frames' if args.variant == 'video' else ''}"
+    print(f"{args.method} on {args.model}{width}, keep={args.keep} ({args.budget}), {args.samples} {inputs}")
     print(f"  kept per stage: official {result['counts']['official']}, uniform {result['counts']['uniform']}")
     print(f"  kept-set overlap per stage: {[round(o, 3) for o in result['overlap_per_stage']]}")
     print(f"  max |logit difference| at the last position: {result['max_logit_difference']:.3g}")

@@ -277,7 +277,8 @@ def _run(cfg: DictConfig, run_dir: Path, pruner: Any, samples: list[Sample], ski
     unreachable = summary["retention"].get("budget_unreachable_samples", 0)
     if unreachable:
         log.warning("%d samples did not get keep=%s: too few visual tokens, or a count rule (an official table or "
-                    "formula, a pooled grid) that departs from keep (the log says which; see retention.budget_unreachable_samples)", unreachable, cfg.keep)
+                    "formula, a pooled grid) that departs from keep (the log says which; see "
+                    "retention.budget_unreachable_samples)", unreachable, cfg.keep)
     log.info("results in %s", run_dir)
     print(f"results in {run_dir}")
     return summary

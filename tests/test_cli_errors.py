@@ -137,6 +137,8 @@ def test_slurm_launcher_with_a_controller_down_says_so(monkeypatch: pytest.Monke
     (["clse", "--width", "0"], "--width=0 must be a multiple of 8 and at least 32"),
     (["clse", "--width", "7"], "--width=7 must be a multiple of 8 and at least 32"),
     (["clse", "--model", "qwen9"], "--model='qwen9' is not valid; choose one of: "),
+    (["clse", "--variant", "audio"], "--variant='audio' is not valid; choose one of: image, multi_image, video"),
+    (["fastvid", "--variant", "video", "--frames", "0"], "--frames=0 must be >= 1"),
     (["clse", "--model", "llava15"], "model.path='llava-hf/llava-1.5-7b-hf' is not in the local Hugging Face cache"),
 ])
 def test_protocol_diff_refuses_in_one_line_with_exit_2(args: list[str], line: str, monkeypatch: pytest.MonkeyPatch,

@@ -14,11 +14,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import slow_except
+from helpers import noise_image, slow_except
 from omegaconf import OmegaConf
 
-from clse_exp import bench
+from clse_exp import bench, load_model
 from clse_exp.api import make_pruner
+from clse_exp.data.sample import Sample
 from clse_exp.efficiency.counts import count_ops, host_side, upload
 from clse_exp.generation import prepare
 from clse_exp.pruning.methods import METHODS
@@ -81,11 +82,15 @@ def _counts(models, family: str, method: str | None, protocol: str, batch: int) 
     return out
 
 
-CASES = [(method, protocol) for method in sorted(METHODS) if method != "none" for protocol in ("official", "uniform")]
+VIDEO_METHODS = ("dycoke", "fastvid", "holitom", "vidcom2")  # video only: counted on LLaVA-OneVision below
+CASES = [(method, protocol) for method in sorted(METHODS) if method not in ("none", *VIDEO_METHODS)
+         for protocol in ("official", "uniform")]
 
 
-@pytest.mark.parametrize(("method", "protocol"), slow_except(CASES, {("clse", "official"), ("fastv", "uniform"),
-                                                                     ("divprune", "official"), ("sparsevlm", "official")}))
+FAST_CASES = {("clse", "official"), ("fastv", "uniform"), ("divprune", "official"), ("sparsevlm", "official")}
+
+
+@pytest.mark.parametrize(("method", "protocol"), slow_except(CASES, FAST_CASES))
 def test_engine_budgets(models, method, protocol):
     family = "llava" if method in LLAVA_ONLY else "qwen2_vl"
     stock = _counts(models, family, None, protocol, 8)
@@ -132,3 +137,30 @@ def test_padded_batch_decode_budget(models, family, method):
     assert pruner.rules.decode == ("cache_length" if method == "divprune" else "original")
     assert pruned["decode_step_kernels"] <= stock["decode_step_kernels"]
     assert pruned["decode_step_syncs"] <= stock["decode_step_syncs"]
+
+
+@pytest.fixture(scope="module")
+def onevision():
+    return load_model("tiny_llava_onevision", "cpu")
+
+
+def _video_counts(loaded, method: str | None, protocol: str, batch: int, **knobs) -> dict:
+    clip = [noise_image(60 + i, 112) for i in range(8)]
+    samples = [Sample(f"v{b}", "What moves in the video?", "", [], video=clip) for b in range(batch)]
+    pruner = None if method is None else make_pruner(method, keep=0.33, protocol=protocol, **knobs)
+    return bench.count_generate(loaded, prepare(loaded, samples, pruner), pruner, DECODE_TOKENS)
+
+
+@pytest.mark.parametrize("method", [m for m in VIDEO_METHODS if m in METHODS])
+@pytest.mark.parametrize("protocol", ["official", "uniform"])
+def test_video_method_budgets(onevision, method, protocol):
+    """The video methods on an 8-frame clip: decode steps cost what the stock step costs (DyCoke's decode-step
+    pruning, its second stage, is extra work by design and counted with it switched off), and the prefill's
+    host syncs do not grow with the batch."""
+    knobs = {"decode_pruning": False} if method == "dycoke" else {}
+    stock = _video_counts(onevision, None, protocol, 4)
+    runs = {batch: _video_counts(onevision, method, protocol, batch, **knobs) for batch in (1, 4)}
+    for batch, run in runs.items():
+        assert run["decode_step_kernels"] <= stock["decode_step_kernels"], (batch, run["sync_sites"])
+        assert run["decode_step_syncs"] <= stock["decode_step_syncs"], (batch, run["sync_sites"]["decode"])
+    assert runs[4]["prefill_syncs"] == runs[1]["prefill_syncs"], runs[4]["sync_sites"]["prefill"]

@@ -24,6 +24,7 @@ from clse_exp.pruning.methods.base import Layers, ModelFacts
 
 PROTOCOLS = ("official", "uniform")
 CLIP_METHODS = ("visionzip", "prumerge_plus", "cdpruner", "vispruner")  # they read LLaVA-1.5's CLIP encoder
+VIDEO_METHODS = ("dycoke", "fastvid", "holitom", "vidcom2")  # video only: LLaVA-OneVision on a 4-frame clip
 QUESTION = "What colour is the shape in the top left cell? Answer with one word."
 Context = tuple[str, ...]
 # Per method option (besides kv_policy and shape, whose telling value depends on the resolved default): the
@@ -56,16 +57,51 @@ CANDIDATES: dict[tuple[str, str], list[tuple[Context, Context]]] = {
     ("prumerge_plus", "adaptive"): [((), ("prune.adaptive=true",))],
     ("cdpruner", "clip"): [((), ("prune.clip=/nonexistent/clip",))],  # `tiny` is what `auto` picks here
     ("vispruner", "important_ratio"): [((), ("prune.important_ratio=0.75",)), ((), ("prune.important_ratio=1.5",))],
+    ("fastvid", "dyseg_c"): [(("prune.dyseg_tau=-1",), ("prune.dyseg_c=2",))],
+    ("fastvid", "dyseg_tau"): [(("prune.dyseg_c=2",), ("prune.dyseg_tau=-1",))],
+    ("fastvid", "stprune_d"): [((), ("prune.stprune_d=0.0",))],
+    ("fastvid", "dtm_p"): [(("prune.dyseg_tau=-1", "prune.dyseg_c=2"), ("prune.dtm_p=1",))],
+    ("fastvid", "dyseg_ignore"): [((), ("prune.dyseg_ignore=0.5",))],
+    ("fastvid", "dtm_beta"): [((), ("prune.dtm_beta=0.1",))],
+    ("holitom", "tau"): [((), ("prune.tau=0.5",))],
+    ("holitom", "beta"): [(("prune.tau=0.5",), ("prune.beta=0.1",))],
+    ("holitom", "d"): [((), ("prune.d=0.5",))],
+    ("holitom", "k"): [(("prune.d=1",), ("prune.k=1",))],
+    ("holitom", "max_window_size"): [(("prune.tau=-1",), ("prune.max_window_size=2",))],
+    ("holitom", "llm_ratio"): [((), ("prune.llm_ratio=0.2",))],
+    ("vidcom2", "channel_ratio"): [((), ("prune.channel_ratio=1.0",))],
+    ("vidcom2", "temperature"): [((), ("prune.temperature=1.0",))],
+    ("dycoke", "merge_ratio"): [((), ("prune.merge_ratio=0.3",))],
+    ("dycoke", "tokens_per_frame"): [((), ("prune.tokens_per_frame=4",))],
+    ("dycoke", "decode_pruning"): [((), ("prune.decode_pruning=false",))],
+    ("dycoke", "decode_layer"): [((), ("prune.decode_layer=5",))],
+    ("dycoke", "decode_ratio"): [((), ("prune.decode_ratio=0.5",))],
+    ("dycoke", "similarity_threshold"): [((), ("prune.similarity_threshold=2.0",))],
 }
 ENGINE_OPTIONS = ("name", "kv_policy", "shape")  # every method's; kv_policy and shape are tried below
 
 
-def _model(method: str) -> str:
-    """The tiny model each method runs on here. CLSE runs on the trained toy: on random weights its evolution's
-    sigmoid saturates and outweighs the attention factor, so its spectral knobs rarely move a large first cut."""
+# Options that act after the cut, never on which tokens are kept (merge weights, decode-step pruning): for
+# these the test compares what a short greedy generation scores instead of the kept tokens
+OUTPUT_ONLY = {("fastvid", "dtm_beta"), ("holitom", "beta"), ("dycoke", "decode_pruning"), ("dycoke", "decode_layer"),
+               ("dycoke", "decode_ratio"), ("dycoke", "similarity_threshold")}
+
+
+def _model(method: str) -> list[str]:
+    """The tiny model (and input) each method runs on here. CLSE runs on the trained toy: on random weights its
+    evolution's sigmoid saturates and outweighs the attention factor, so its spectral knobs rarely move a large
+    first cut."""
     if method == "clse":
-        return "toy_qwen2vl"
-    return "tiny_llava" if method in CLIP_METHODS else "tiny_qwen2vl"
+        return ["model=toy_qwen2vl"]
+    if method in VIDEO_METHODS:
+        return ["model=tiny_llava_onevision", "dataset.variant=video"]
+    return ["model=tiny_llava" if method in CLIP_METHODS else "model=tiny_qwen2vl"]
+
+
+def _sample(cfg) -> Sample:
+    if cfg.dataset.get("variant") == "video":
+        return Sample("s", QUESTION, "", [], video=[noise_image(50 + i, 112) for i in range(4)])
+    return Sample("s", QUESTION, "", [noise_image(7, 224)])
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +118,20 @@ def loaded_models():
     return get
 
 
-def _kept(loaded_models, overrides: list[str]) -> tuple | None:
+def _kept(loaded_models, overrides: list[str], outputs: bool = False) -> tuple | None:
     """What a run of `overrides` keeps (per stage its layer and kept indices; per sample each layer's cache),
-    or None when it is refused with a ConfigError, before weights load or at its first forward."""
+    or None when it is refused with a ConfigError, before weights load or at its first forward. With
+    `outputs`, the scores of three greedy tokens instead (rounded: equal runs give equal floats)."""
     try:
         cfg = compose_config(overrides)
         pruner = validate_run(cfg)
         loaded = loaded_models(cfg)
-        inputs = prepare(loaded, [Sample("s", QUESTION, "", [noise_image(7, 224)])], pruner)
+        inputs = prepare(loaded, [_sample(cfg)], pruner)
         with torch.no_grad(), pruner.attach(loaded.model):
+            if outputs:
+                out = loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                                            return_dict_in_generate=True)
+                return tuple(np.round(torch.stack(out.scores).float().numpy(), 5).ravel().tolist())
             loaded.model(**inputs, use_cache=True)
     except ConfigError:
         return None
@@ -107,19 +148,21 @@ def test_every_option_changes_the_kept_tokens_or_is_refused(method, loaded_model
     assert set(fields) - set(ENGINE_OPTIONS) == tried - set(ENGINE_OPTIONS), \
         f"an option of prune={method} has no candidate setting in this test"
     for protocol in PROTOCOLS:
-        base = [f"model={_model(method)}", f"prune={method}", "keep=0.4", f"protocol={protocol}"]
+        base = [*_model(method), f"prune={method}", "keep=0.4", f"protocol={protocol}"]
         default = _kept(loaded_models, base)
         assert default is not None, f"prune={method} protocol={protocol} runs with its defaults"
         pruner = validate_run(compose_config(base))
         opposite = "ragged" if pruner.rules.kv_policy == "crop" else "crop"
         tries = [((), (f"prune.kv_policy={opposite}",)),
                  ((), (f"prune.shape=[{','.join(['1.0'] * len(pruner.layers.prune_layers))}]",))]
-        tries += [item for (m, _), items in CANDIDATES.items() if m == method for item in items]
-        for context, change in tries:
-            reference = _kept(loaded_models, [*base, *context]) if context else default
+        tries = [(False, *item) for item in tries]
+        tries += [((m, option) in OUTPUT_ONLY, *item) for (m, option), items in CANDIDATES.items() if m == method
+                  for item in items]
+        for outputs, context, change in tries:
+            reference = _kept(loaded_models, [*base, *context], outputs) if context or outputs else default
             if reference is None:  # a context this protocol refuses has nothing to compare with
                 continue
-            got = _kept(loaded_models, [*base, *context, *change])
+            got = _kept(loaded_models, [*base, *context, *change], outputs)
             assert got is None or got != reference, (f"prune={method} protocol={protocol} {' '.join(context)}: "
                                                      f"{' '.join(change)} was accepted and kept the same tokens")
 

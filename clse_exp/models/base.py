@@ -99,6 +99,7 @@ class ModelAdapter:
     family: str = ""
     mrope: bool = False  # multimodal rotary positions: 3-D position ids (Qwen-VL families)
     encoder_kinds: tuple[str, ...] = ("image",)  # visual kinds that pass vision_encoder_layers(), in call order
+    encodes_frames: bool = False  # the encoder's batch rows are video frames: a segment takes its T rows, stacked
     token_pixels: int = 28  # image pixels per visual token side (Qwen2-VL: 14-pixel patches merged 2 x 2)
     # (encoder layer, one vision_layer_inputs item) -> its post-RoPE queries and keys [heads, rows, D], for
     # families whose encoder attention a method recomputes from a packed layer input (Qwen-VL); else None

@@ -31,6 +31,17 @@ class LlavaOnevisionAdapter(ModelAdapter):
 
     family = "llava_onevision"
     layout_keys = ("image_sizes", "batch_num_images")  # where the newlines are (see visual_layout)
+    # the SigLIP tower encodes a batch's videos frame by frame (one row per frame, in sample order): each video
+    # segment takes its T frames' rows. Images pass the tower too, as base crop plus any-resolution crops that
+    # map to no one segment, so encoder-reading methods take videos only on this family
+    encoder_kinds = ("video",)
+    encodes_frames = True
+
+    def vision_encoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.vision_tower.encoder.layers
+
+    def vision_projector(self, model: nn.Module) -> nn.Module:
+        return model.model.multi_modal_projector
 
     def visual_token_ids(self, model: nn.Module) -> dict[str, int]:
         return {"image": model.config.image_token_id, "video": model.config.video_token_id}

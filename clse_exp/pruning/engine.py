@@ -74,6 +74,7 @@ class _Prefill:
     step_length: int = 0
     decoding: bool = False
     decode_plans: dict[int, _DecodeSlots] = field(default_factory=dict)  # id(layer slots) -> its decode plan
+    decode_work: dict = field(default_factory=dict)  # opt-in decode-step pruning's state (see _decode_prune)
     reduced: list[list[tuple[int, int, int]] | None] | None = None  # per sample: unreduced grids (prepare_samples)
     _read: tuple[list[StageRecord], list[SampleRecord]] | None = None
 
@@ -164,6 +165,7 @@ class Pruner:
         self._vision_pending: dict[int, list[Any]] = {}
         self._vision_modules: tuple[nn.ModuleList | None, nn.Module | None] = (None, None)
         self._encoder_kinds: tuple[str, ...] = ("image",)
+        self._encodes_frames = False
         self._encoder_queries_keys = None
         self._state: _Prefill | None = None
         self._reduced: list[list[tuple[int, int, int]] | None] | None = None  # see prepare_samples
@@ -319,6 +321,7 @@ class Pruner:
         self._vision_modules = (layers, adapter.vision_projector(model))
         self._encoder_queries_keys = adapter.vision_queries_keys
         self._encoder_kinds = adapter.encoder_kinds
+        self._encodes_frames = adapter.encodes_frames
         tower_call: dict = {}
 
         def on_tower(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -346,15 +349,17 @@ class Pruner:
         if not self._vision_pending:
             return None
         encoded = [[seg for seg in segments if seg.kind in self._encoder_kinds] for segments in state.layout]
-        call_order = [(kind, b, seg.start) for kind in self._encoder_kinds for b, segments in enumerate(encoded)
+        call_order = [(kind, b, seg.start, seg.t) for kind in self._encoder_kinds for b, segments in enumerate(encoded)
                       for seg in segments if seg.kind == kind]
         out = {}
         for layer, items in self._vision_pending.items():
+            if self._encodes_frames and len(items) == sum(t for *_, t in call_order):
+                items = _per_segment(items, [t for *_, t in call_order])
             if len(items) != len(call_order):
                 raise RuntimeError(f"captured {len(items)} encoder inputs for {len(call_order)} "
                                    f"{'/'.join(self._encoder_kinds)} segments")
             per_sample: list[list[tuple[int, Any]]] = [[] for _ in encoded]
-            for (_, b, start), item in zip(call_order, items, strict=True):
+            for (_, b, start, _), item in zip(call_order, items, strict=True):
                 per_sample[b].append((start, item))
             out[layer] = [[item for _, item in sorted(found, key=lambda pair: pair[0])] for found in per_sample]
         self._vision_pending = {}
@@ -494,7 +499,10 @@ class Pruner:
             if state is None:
                 return None
             if state.decoding:
-                kwargs.update(self._decode_kwargs(state, index, rotary, implementation, args[0]))
+                update = self._decode_kwargs(state, index, rotary, implementation, args[0])
+                if self._decode_layer is not None and index >= self._decode_layer - 1:
+                    self._decode_prune(state, index, layers, implementation, args[0], kwargs, update)
+                kwargs.update(update)
                 return args, kwargs
             hidden = args[0]
             if index == 0:
@@ -644,9 +652,46 @@ class Pruner:
         state.decode_plans = plans
         # sdpa and flash need no mask for one unpadded query; eager adds the stock model's mask, which is sized
         # by the first layer's cache, to every layer's scores, so its layers keep their hook (and get None)
-        if self._implementation != "eager" and not any(plan.padded or plan.offset is not None
-                                                       for plan in plans.values()):
+        if self._implementation != "eager" and self._decode_layer is None and not any(
+                plan.padded or plan.offset is not None for plan in plans.values()):
             self._remove_layer_hooks()
+
+    @property
+    def _decode_layer(self) -> int | None:
+        """Opt-in decode-step pruning (DyCoke): the layer l from which a method masks prompt keys per step (none
+        at keep=1, which keeps every visual token)."""
+        return self.method.decode_layer() if self.keep < 1.0 else None
+
+    def _decode_prune(self, state: _Prefill, index: int, layers: nn.ModuleList, implementation: str,
+                      hidden: torch.Tensor, kwargs: dict, update: dict) -> None:
+        """One-token steps only: keep layer l - 1's input; at layer l ask the method (`decode_keep`) which keys
+        layers >= l attend to this step, from layer l - 1's cache; put that mask in their kwargs."""
+        work, layer = state.decode_work, self._decode_layer
+        if state.step_length != 1:
+            work.pop("mask", None)
+            return
+        if index == layer - 1:
+            work["input"] = (hidden, update.get("position_embeddings", kwargs.get("position_embeddings")))
+            return
+        if index == layer:
+            plan = state.decode_plans[layer - 1]
+            if any(state.decode_plans[i].slots is not plan.slots for i in range(layer - 1, len(layers))):
+                raise RuntimeError(f"prune={self.method.name}: decode pruning needs the same cached prompt in "
+                                   f"layers {layer - 1}.. (cut only before layer {layer - 1})")
+            prompt = plan.slots
+            batch = prompt.idx.shape[0]
+            valid = torch.cat([prompt.valid, prompt.valid.new_ones(batch, state.generated)], dim=1)
+            if "visual" not in work:
+                work["visual"] = (prompt.gather(state.visual_rank) >= 0) & prompt.valid
+            visual = work["visual"]
+            layer_input, rotary = work.pop("input")
+            keys = cache_in(kwargs).layers[layer - 1].keys
+            attend = self.method.decode_keep(layers[layer - 1], layer_input, rotary, keys, valid, visual,
+                                             list(state.n_current), work.setdefault("method", {}),
+                                             self.protocol == "official")
+            mask = _key_buffer(attend, 0, implementation, hidden.dtype)
+            work["mask"] = mask if implementation.startswith("flash") else mask[:, None, None, :]
+        update["attention_mask"] = work["mask"]
 
     def _decode_kwargs(self, state: _Prefill, layer: int, rotary: nn.Module | None, implementation: str,
                        hidden: torch.Tensor) -> dict:
@@ -766,6 +811,15 @@ def _stage_counts(state: _Prefill, stage_index: int, asked: list[int], device: t
     with host_side():
         asked = torch.tensor(asked)
     return upload(asked, device)
+
+
+def _per_segment(frames: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
+    """Per-frame encoder rows [tokens, C] regrouped per segment of `lengths` frames: [T, tokens, C] each."""
+    out, at = [], 0
+    for length in lengths:
+        out.append(torch.stack(frames[at : at + length]))
+        at += length
+    return out
 
 
 def _cached_counts(state: _Prefill, num_layers: int) -> dict[int, list[int]]:

@@ -15,17 +15,21 @@ from clse_exp.pruning.methods.clse import CLSE
 from clse_exp.pruning.methods.dart import DART
 from clse_exp.pruning.methods.divprune import DivPrune
 from clse_exp.pruning.methods.downsample import Downsample
+from clse_exp.pruning.methods.dycoke import DyCoke
 from clse_exp.pruning.methods.fastv import FastV
+from clse_exp.pruning.methods.fastvid import FastVID
+from clse_exp.pruning.methods.holitom import HoliTom
 from clse_exp.pruning.methods.pdrop import PDrop
 from clse_exp.pruning.methods.prumerge_plus import PruMergePlus
 from clse_exp.pruning.methods.random import RandomPrune
 from clse_exp.pruning.methods.sparsevlm import SparseVLM
+from clse_exp.pruning.methods.vidcom2 import VidCom2
 from clse_exp.pruning.methods.visionzip import VisionZip
 from clse_exp.pruning.methods.vispruner import VisPruner
 
 METHODS: dict[str, type[PruningMethod]] = {
     m.name: m for m in (CLSE, FastV, PDrop, DART, DivPrune, RandomPrune, SparseVLM, VisionZip, PruMergePlus,
-                        Downsample, CDPruner, VisPruner)
+                        Downsample, CDPruner, VisPruner, FastVID, DyCoke, HoliTom, VidCom2)
 }
 NO_PRUNING = "none"
 

@@ -218,6 +218,11 @@ class PruningMethod:
         """Raise ConfigError for a knob that cannot apply to the dataset's inputs (`videos`: whether it holds
         any video), so the run stops before any weights load."""
 
+    def decode_layer(self) -> int | None:
+        """The decoder layer from which each one-token decode step attends to only the prompt keys the method's
+        `decode_keep` picks (DyCoke), or None: decode steps run as the stock model's, with no hook."""
+        return None
+
     def rules(self, protocol: str, facts: ModelFacts) -> Rules:
         """Positions and KV policy of the official code (uniform: original positions, ragged)."""
         return Rules()
