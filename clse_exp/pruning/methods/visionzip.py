@@ -108,17 +108,25 @@ def split_counts(k: int, share: float) -> tuple[int, int]:
     return k - contextual, contextual
 
 
-def cls_attention_and_keys(layer: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype
+def cls_attention_per_head(layer: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP `layer`'s attention from [CLS] to each patch, summed over heads [n], and its keys averaged over
-    heads [1 + n, head_dim], recomputed from the layer's input x [1 + n, C] (VZ:visionzip/utils.py:19-61,89)."""
+    """CLIP `layer`'s attention from [CLS] to each patch per head [heads, n] (softmax over all 1 + n keys in
+    `dtype`) and its keys [1 + n, heads, head_dim], recomputed from the layer's input x [1 + n, C] as
+    transformers 4.37.2's eager CLIPAttention computes them (query scaled before the product)."""
     attn = layer.self_attn
     hidden = layer.layer_norm1(x)
     heads = attn.num_heads
     query = (attn.q_proj(hidden[:1]) * attn.scale).view(heads, -1).to(dtype)
     keys = attn.k_proj(hidden).view(hidden.shape[0], heads, -1).to(dtype)
-    probs = torch.softmax(torch.einsum("hd,thd->ht", query, keys), dim=-1)
-    return probs[:, 1:].sum(dim=0), keys.mean(dim=1)
+    return torch.softmax(torch.einsum("hd,thd->ht", query, keys), dim=-1)[:, 1:], keys
+
+
+def cls_attention_and_keys(layer: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [CLS] attention summed over heads [n] and the keys averaged over heads [1 + n, head_dim]
+    (VZ:visionzip/utils.py:19-61,89)."""
+    probs, keys = cls_attention_per_head(layer, x, dtype)
+    return probs.sum(dim=0), keys.mean(dim=1)
 
 
 def merge_contextual(dominant: torch.Tensor, metric: torch.Tensor, features: torch.Tensor, contextual: int

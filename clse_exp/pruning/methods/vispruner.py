@@ -47,7 +47,7 @@ import torch
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules
 from clse_exp.pruning.methods.divprune import pre_llm_rules
-from clse_exp.pruning.methods.visionzip import per_image, require_clip_encoder, split_budget
+from clse_exp.pruning.methods.visionzip import cls_attention_per_head, per_image, require_clip_encoder, split_budget
 from clse_exp.pruning.signals import StageContext
 
 DROP_PER_ROUND = 8  # near-duplicates removed per round at most (VP:llava_arch.py:163)
@@ -63,13 +63,7 @@ def cls_attention(layer: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -
     """[n] CLIP `layer`'s attention from [CLS] to each patch, softmax over all 1 + n keys in `dtype`, averaged
     over heads; recomputed from the layer's input x [1 + n, C] as transformers 4.37.2's eager CLIPAttention
     computes it (query scaled before the product, softmax in the input dtype)."""
-    attn = layer.self_attn
-    hidden = layer.layer_norm1(x)
-    heads = attn.num_heads
-    query = (attn.q_proj(hidden[:1]) * attn.scale).view(heads, -1).to(dtype)
-    keys = attn.k_proj(hidden).view(hidden.shape[0], heads, -1).to(dtype)
-    probs = torch.softmax(torch.einsum("hd,thd->ht", query, keys), dim=-1)
-    return probs[:, 1:].mean(dim=0)
+    return cls_attention_per_head(layer, x, dtype)[0].mean(dim=0)
 
 
 @functools.cache
