@@ -23,6 +23,15 @@ def noise_image(seed: int, size: int = 224) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
+VIDEO_METHODS = ("dycoke", "fastvid", "holitom", "vidcom2")  # videos only; all run on LLaVA-OneVision
+
+
+def video_samples(n: int = 3, frames: int = 4) -> list[Sample]:
+    """n samples, each a clip of `frames` different noise frames and a question of its own length."""
+    return [Sample(f"v{i}", QUESTIONS[i % len(QUESTIONS)], "yes", [],
+                   video=[noise_image(200 + 10 * i + f, 112) for f in range(frames)]) for i in range(n)]
+
+
 def samples(
     n: int = 3, images_per_sample: tuple[int, ...] = (1, 2, 1), sizes: tuple[int, ...] = (224,)
 ) -> list[Sample]:

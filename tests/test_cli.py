@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import VIDEO_METHODS
 
 from clse_exp.config import group_options
 
@@ -44,19 +45,23 @@ def test_default_run_writes_predictions_and_summary(tmp_path):
 
 @pytest.mark.slow
 def test_every_method_runs_from_the_cli(tmp_path):
-    methods = ",".join(group_options("prune"))
-    # LLaVA-1.5's family: every method supports it (the CLIP-reading ones support only it)
-    result = subprocess.run(cli("-m", f"prune={methods}", "keep=0.3", "protocol=uniform", "dataset.limit=3",
-                                f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${prune.name}",
-                                model="tiny_llava"),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    # LLaVA-1.5's family: every image method supports it (the CLIP-reading ones support only it); the video
+    # methods all run on LLaVA-OneVision clips
+    image = [name for name in group_options("prune") if name not in VIDEO_METHODS]
+    sweeps = [(image, "tiny_llava", ()), (list(VIDEO_METHODS), "tiny_llava_onevision", ("dataset.variant=video",))]
+    for methods, model, extra in sweeps:
+        result = subprocess.run(cli("-m", f"prune={','.join(methods)}", "keep=0.3", "protocol=uniform",
+                                    "dataset.limit=3", *extra, f"hydra.sweep.dir={tmp_path / model}",
+                                    "hydra.sweep.subdir=${prune.name}", model=model),
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
     for method in group_options("prune"):
-        summary = json.loads((tmp_path / method / "summary.json").read_text())
+        folder = tmp_path / ("tiny_llava_onevision" if method in VIDEO_METHODS else "tiny_llava") / method
+        summary = json.loads((folder / "summary.json").read_text())
         assert summary["n_samples"] == 3
         if method != "none":
             assert abs(summary["retention"]["average"] - 0.3) < 0.02
-            record = read_predictions(tmp_path / method)[0]
+            record = read_predictions(folder)[0]
             assert len(record["kept"]) < record["n_visual"]
 
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import noise_image, slow_except
+from helpers import VIDEO_METHODS, noise_image, slow_except
 from omegaconf import OmegaConf
 
 from clse_exp import bench, load_model
@@ -82,7 +82,6 @@ def _counts(models, family: str, method: str | None, protocol: str, batch: int) 
     return out
 
 
-VIDEO_METHODS = ("dycoke", "fastvid", "holitom", "vidcom2")  # video only: counted on LLaVA-OneVision below
 CASES = [(method, protocol) for method in sorted(METHODS) if method not in ("none", *VIDEO_METHODS)
          for protocol in ("official", "uniform")]
 
@@ -151,7 +150,7 @@ def _video_counts(loaded, method: str | None, protocol: str, batch: int, **knobs
     return bench.count_generate(loaded, prepare(loaded, samples, pruner), pruner, DECODE_TOKENS)
 
 
-@pytest.mark.parametrize("method", [m for m in VIDEO_METHODS if m in METHODS])
+@pytest.mark.parametrize("method", VIDEO_METHODS)
 @pytest.mark.parametrize("protocol", ["official", "uniform"])
 def test_video_method_budgets(onevision, method, protocol):
     """The video methods on an 8-frame clip: decode steps cost what the stock step costs (DyCoke's decode-step

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import batch_matches_alone, cached_vs_recomputed, greedy, noise_image, samples, slow_except
+from helpers import (
+    VIDEO_METHODS,
+    batch_matches_alone,
+    cached_vs_recomputed,
+    greedy,
+    noise_image,
+    samples,
+    slow_except,
+    video_samples,
+)
 
 from clse_exp import load_model, make_pruner
 from clse_exp.compat import cache_of
@@ -75,9 +84,14 @@ def test_detached_model_is_stock():
 def test_cached_decode_matches_recompute_for_every_method(method, protocol):
     """Under `ragged` every layer keeps what it processed, so a cached decode step must equal running the
     whole sequence again with the same tokens pruned (PDrop and DivPrune renumber positions officially)."""
-    loaded = model_with("tiny_llava")
-    pruner = make_pruner(method, keep=0.4, protocol=protocol, kv_policy="ragged")
-    cached, recomputed = cached_vs_recomputed(loaded, prepare(loaded, samples(3), pruner), pruner)
+    if method in VIDEO_METHODS:  # one cut before the LLM: no policy to choose; DyCoke's decode stage apart
+        loaded, batch = model_with("tiny_llava_onevision"), video_samples(3)
+        pruner = make_pruner(method, keep=0.4, protocol=protocol,
+                             **({"decode_pruning": False} if method == "dycoke" else {}))
+    else:
+        loaded, batch = model_with("tiny_llava"), samples(3)
+        pruner = make_pruner(method, keep=0.4, protocol=protocol, kv_policy="ragged")
+    cached, recomputed = cached_vs_recomputed(loaded, prepare(loaded, batch, pruner), pruner)
     torch.testing.assert_close(cached, recomputed, atol=2e-4, rtol=1e-4)
 
 
@@ -144,8 +158,9 @@ def test_crop_cuts_earlier_caches_to_survivors():
     {("clse", "sdpa", "official"), ("pdrop", "eager", "official"), ("dart", "sdpa", "official"),
      ("cdpruner", "sdpa", "official"), ("random", "eager", "uniform")}))
 def test_batch_logits_match_batch_of_one(method, attn, protocol):
-    loaded = model_with("tiny_llava", attn)
-    batch = samples(3, images_per_sample=(1, 2, 1))
+    video = method in VIDEO_METHODS
+    loaded = model_with("tiny_llava_onevision" if video else "tiny_llava", attn)
+    batch = video_samples(3) if video else samples(3, images_per_sample=(1, 2, 1))
     pruner = make_pruner(method, keep=0.4, protocol=protocol)
     batch_matches_alone(loaded, batch, pruner, steps=3)
 

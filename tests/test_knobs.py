@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import noise_image
+from helpers import VIDEO_METHODS, noise_image
 
 from clse_exp import load_model, make_pruner
 from clse_exp.api import compose_config
@@ -24,7 +24,6 @@ from clse_exp.pruning.methods.base import Layers, ModelFacts
 
 PROTOCOLS = ("official", "uniform")
 CLIP_METHODS = ("visionzip", "prumerge_plus", "cdpruner", "vispruner")  # they read LLaVA-1.5's CLIP encoder
-VIDEO_METHODS = ("dycoke", "fastvid", "holitom", "vidcom2")  # video only: LLaVA-OneVision on a 4-frame clip
 QUESTION = "What colour is the shape in the top left cell? Answer with one word."
 Context = tuple[str, ...]
 # Per method option (besides kv_policy and shape, whose telling value depends on the resolved default): the
