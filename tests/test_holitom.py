@@ -1,6 +1,7 @@
 """HoliTom: the official LLaVA-OneVision rule's windows, kept tokens (outer merge and inner merge), merged embeddings
 and logits against an independent transcription (tests/oracle_holitom.py) on a tiny seeded LLaVA-OneVision (8 frames
-of 6 x 6 pooled tokens), the SigLIP signal, the uniform protocol's exact counts, batching, refusals and the CLI."""
+of 6 x 6 pooled tokens), the official SigLIP signal as the adapter exposes it (alone and per video in a batch),
+the uniform protocol's exact counts, batching, refusals and the CLI."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from clse_exp import load_model, make_pruner
 from clse_exp.data.sample import Sample
 from clse_exp.errors import ConfigError
 from clse_exp.generation import prepare
+from clse_exp.pruning.methods.base import Layers, ModelFacts
 from clse_exp.pruning.methods.holitom import HoliTom, pool_like_frames, sequential_average, siglip_attention
 
 FRAMES = 8
@@ -115,6 +117,33 @@ def test_siglip_signal_matches_the_towers_own_attention(onevision):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_the_adapters_encoder_signal_is_official_per_video_in_a_batch(onevision):
+    """Two different videos in one batch, read through the real adapter: the engine regroups the tower's per-frame
+    rows into one item per video, so each sample keeps the tokens and gives the logits of the oracle on its video
+    alone (with the other video's signal the oracle keeps other tokens, so a mix-up would show)."""
+    loaded = onevision[0]
+    samples = [Sample("v", "What moves?", "", [], video=clip()),
+               Sample("w", "Which object moves the most in this clip?", "", [], video=clip((2, 4, 2), 96))]
+    keep, stages = 0.25, (0, INNER)
+    pruner = make_pruner("holitom", keep=keep, prune_layers=list(stages))
+    with torch.no_grad(), pruner.attach(loaded.model):
+        logits = loaded.model(**prepare(loaded, samples, pruner)).logits[:, -1]
+    kept = [stage["kept"] for stage in pruner.trace]
+    alone = [prepare(loaded, [sample], None) for sample in samples]
+    attns = [oracle.siglip_attention(loaded, inputs["pixel_values_videos"]) for inputs in alone]
+    for b, inputs in enumerate(alone):
+        x = stock_inputs(loaded, inputs)
+        expected = oracle.holitom(loaded, x, FRAMES, attns[b], retain(keep, stages), k_layer=INNER,
+                                  rand=jitter(FRAMES * TOKENS), newline_candidate=False, gaps=False)
+        assert kept[0][b] == expected.outer, f"sample {b}"
+        assert sorted(kept[1][b]) == expected.inner, f"sample {b}"
+        torch.testing.assert_close(logits[b], expected.logits, atol=2e-4, rtol=1e-4)
+        start = int(x.visual[0])
+        video = x.embeds[0, start : start + FRAMES * TOKENS].view(FRAMES, TOKENS, -1)
+        _, swapped, _ = oracle.outer(video, attns[1 - b], retain(keep, stages), rand=jitter(FRAMES * TOKENS))
+        assert swapped != expected.outer, f"sample {b}: the other video's signal keeps the same tokens"
+
+
 def test_sequential_average_is_the_official_loop():
     torch.manual_seed(0)
     kept, pruned = torch.randn(3, 5), torch.randn(6, 5)
@@ -198,6 +227,9 @@ def test_the_cli_runs_it_end_to_end(tmp_path):
                "eval.reference=false", f"hydra.run.dir={tmp_path}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    log = " ".join([result.stdout, result.stderr, *(f.read_text() for f in tmp_path.rglob("*.log"))]).lower()
+    assert "stand-in" not in log and "embedding_attention" not in log  # the official SigLIP signal, no notice
+    assert HoliTom().run_notice(Layers(0, (0, INNER)), ModelFacts("llava_onevision", DEPTH, False)) is None
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "retention" in json.dumps(summary)
     records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]

@@ -9,7 +9,10 @@ multimodal_encoder/siglip_encoder.py), LLaVA-OneVision (SigLIP + Qwen2):
 - Features: the projected, 2x2 bilinearly pooled frame tokens [F, P, C] (P = 196 on the 7B model), i.e. the LLM
   input embeddings of the video (llava_arch.py:370). Attention: the last kept SigLIP layer's attention (the tower
   drops its final layer, siglip:595, so it is the layer that produces the features), averaged over heads and then
-  over queries, one weight per patch (siglip:618-622), pooled like the features (llava_arch.py:371-373).
+  over queries, one weight per patch (siglip:618-622), pooled like the features (llava_arch.py:371-373). It is
+  recomputed in eager form (as the official tower runs it) from that layer's input, which the LLaVA-OneVision
+  adapter exposes per video ([frames, patches, C], `ctx.vision_inputs`; `siglip_attention`); a family whose
+  adapter does not expose its encoder is refused (check_budget, one line naming it).
 - Temporal windows (llava_arch.py:377-384, 53-98): cosine of each pooled token with the same token of the next frame
   (features L2-normalised first). A token is static over frames s..e when every adjacent cosine in between exceeds
   tau (T, default 0.8; the scripts use 0.65 at RETAIN_RATIO 0.10, scripts/eval_ov-7b_holitom.sh:2). A window s..e
@@ -45,8 +48,6 @@ RETAIN_RATIO 0.25 / 0.20 / 0.15 / 0.10 with the inner merge at 18 of 28 layers i
 "HoliTom (w/o M)"; `layers.prune_layers=[0, 3]` the code's default K.
 
 Departures (documented, not silent):
-- Attention signal: the official one, recomputed from the last SigLIP layer's input that the LLaVA-OneVision
-  adapter exposes per video ([frames, patches, C], `ctx.vision_inputs`; `siglip_attention`), in eager form.
 - D > 0: the official code gathers the contextual positions with a mask of the wrong rank and raises
   (llava_arch.py:174); its evident rule (the non-dominant tokens' own positions) runs.
 - Inner merge: the newline token belongs to no grid, so it is never cut nor merged (official: one of the L image
