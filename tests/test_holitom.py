@@ -235,3 +235,14 @@ def test_the_cli_runs_it_end_to_end(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 2
     assert all(record["n_visual"] for record in records)
+
+
+def test_a_sample_with_an_image_besides_the_video_is_refused_in_one_line(onevision):
+    """The OneVision tower also encodes the image's crops, which no video segment can take: one ConfigError."""
+    loaded = onevision[0]
+    sample = Sample("m", "What moves?", "", [noise_image(5, 168)], video=clip())
+    pruner = make_pruner("holitom", keep=0.25)
+    with pytest.raises(ConfigError, match=r"prune=holitom reads the vision encoder.*also holds image inputs") as err:
+        with torch.no_grad(), pruner.attach(loaded.model):
+            loaded.model(**prepare(loaded, [sample], pruner))
+    assert "\n" not in str(err.value)

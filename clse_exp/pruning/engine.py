@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy
@@ -348,6 +348,11 @@ class Pruner:
         (the family's `encoder_kinds`), each kind over the batch in sample and prompt order."""
         if not self._vision_pending:
             return None
+        others = sorted({seg.kind for segments in state.layout for seg in segments} - set(self._encoder_kinds))
+        if others:  # the tower also encoded inputs that no captured row can be matched to
+            raise ConfigError(f"prune={self.method.name} reads the vision encoder, which on this family it can read "
+                              f"for {'/'.join(self._encoder_kinds)} inputs only; this batch also holds "
+                              f"{'/'.join(others)} inputs (use a dataset without them)")
         encoded = [[seg for seg in segments if seg.kind in self._encoder_kinds] for segments in state.layout]
         call_order = [(kind, b, seg.start, seg.t) for kind in self._encoder_kinds for b, segments in enumerate(encoded)
                       for seg in segments if seg.kind == kind]
@@ -656,7 +661,7 @@ class Pruner:
                 plan.padded or plan.offset is not None for plan in plans.values()):
             self._remove_layer_hooks()
 
-    @property
+    @cached_property
     def _decode_layer(self) -> int | None:
         """Opt-in decode-step pruning (DyCoke): the layer l from which a method masks prompt keys per step (none
         at keep=1, which keeps every visual token)."""
