@@ -59,7 +59,9 @@ COUNT_COLUMNS = ("method", "keep", *(f"{phase}_{kind}" for phase in COUNT_PHASES
 DOWNSAMPLE_FLOOR = 56 * 56  # the processors' smallest area: Qwen2-VL's default min_pixels, so downsample can shrink
 
 
-BENCH_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")  # one image = a square grid of known geometry
+IMAGE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")  # one image = a square grid of known geometry
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")  # `frames` > 0: one video per prompt
+BENCH_FAMILIES = tuple(dict.fromkeys(IMAGE_FAMILIES + VIDEO_FAMILIES))
 
 
 def image_side(cfg: DictConfig) -> int:
@@ -110,14 +112,17 @@ def build_model(cfg: DictConfig, device: torch.device) -> models.LoadedModel:
 
 
 def bench_samples(cfg: DictConfig, batch: int) -> list[Sample]:
-    """`batch` copies of one prompt with `images` seeded noise images of `visual_tokens` tokens each."""
+    """`batch` copies of one prompt: `images` seeded noise images of `visual_tokens` tokens each, or with
+    `frames` > 0 one video of that many noise frames (`visual_tokens` per frame the LLM sees)."""
     from PIL import Image
 
     side = image_side(cfg)
     generator = torch.Generator().manual_seed(0)
-    images = [Image.fromarray((torch.rand(side, side, 3, generator=generator) * 255).to(torch.uint8).numpy())
-              for _ in range(cfg.images)]
-    return [Sample("bench", "Describe the images in detail. " * 4, "", images)] * batch
+    pictures = [Image.fromarray((torch.rand(side, side, 3, generator=generator) * 255).to(torch.uint8).numpy())
+                for _ in range(cfg.frames or cfg.images)]
+    if cfg.frames:
+        return [Sample("bench", "Describe the video in detail. " * 4, "", [], video=pictures)] * batch
+    return [Sample("bench", "Describe the images in detail. " * 4, "", pictures)] * batch
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -406,7 +411,8 @@ def validate(cfg: DictConfig) -> None:
     """Everything checkable before a model is built: one line naming the bad value."""
     from clse_exp.config import DTYPES, looks_local
 
-    for key, low in (("repeats", 0), ("warmup", 0), ("decode_tokens", 1), ("visual_tokens", 4), ("images", 1)):
+    for key, low in (("repeats", 0), ("warmup", 0), ("decode_tokens", 1), ("visual_tokens", 4), ("images", 1),
+                     ("frames", 0)):
         if cfg[key] < low:
             raise ConfigError(f"{key}={cfg[key]} must be >= {low}")
     if cfg.repeats == 0 and not cfg.counts:
@@ -421,6 +427,15 @@ def validate(cfg: DictConfig) -> None:
     if cfg.memory_budget_gb is not None and not cfg.memory_budget_gb > 0:
         raise ConfigError(f"memory_budget_gb={cfg.memory_budget_gb} must be > 0 (GiB), or null")
     choose_one("model.family", cfg.model.family, BENCH_FAMILIES)
+    if cfg.frames and cfg.model.family not in VIDEO_FAMILIES:
+        raise ConfigError(f"frames={cfg.frames} with model.family={cfg.model.family}: the bench builds videos for "
+                          f"{', '.join(VIDEO_FAMILIES)}; set frames=0 for image prompts")
+    if not cfg.frames and cfg.model.family not in IMAGE_FAMILIES:
+        raise ConfigError(f"model.family={cfg.model.family} is benched on videos only (its images are any-resolution "
+                          "crops of no fixed token count): set frames, e.g. frames=8")
+    if cfg.frames and cfg.images != 1:
+        raise ConfigError(f"images={cfg.images} with frames={cfg.frames}: a video prompt holds one video; "
+                          "leave images=1")
     choose_one("model.dtype", cfg.model.dtype, DTYPES)
     side = math.isqrt(cfg.visual_tokens)
     if side * side != cfg.visual_tokens:  # one image is a side x side grid of visual tokens
@@ -435,6 +450,13 @@ def validate(cfg: DictConfig) -> None:
         model_spec(cfg.model, image_side(cfg))
     for method in cfg.methods:
         choose_one("methods entry", method, sorted(METHODS))
+        try:
+            METHODS[method]().check_inputs(videos=bool(cfg.frames))
+        except ConfigError as err:
+            if cfg.frames:
+                raise
+            raise ConfigError(f"methods entry {method} prunes videos only: bench videos with frames (e.g. frames=8 "
+                              f"model.family=llava_onevision; video families: {', '.join(VIDEO_FAMILIES)})") from err
     for keep in cfg.keeps:
         check_budget(keep, cfg.budget, "auto", None)
     choose_one("protocol", cfg.protocol, PROTOCOLS)
@@ -457,17 +479,19 @@ def run_tables(cfg: DictConfig, loaded: models.LoadedModel) -> tuple[list[dict],
         loaded.model.set_attn_implementation(implementation)
         for batch in cfg.batch_sizes:
             samples = bench_samples(cfg, batch)
-            visual = cfg.visual_tokens * cfg.images
             one = loaded.prepare(samples[:1])
-            seen = sum(seg.length for seg in loaded.adapter.visual_layout(loaded.model, **one)[0])
+            layout = loaded.adapter.visual_layout(loaded.model, **one)[0]
+            seen = sum(seg.length for seg in layout)
+            visual = cfg.visual_tokens * (sum(seg.t for seg in layout) if cfg.frames else cfg.images)
             if seen != visual:
-                raise ConfigError(f"model.family={cfg.model.family}: the bench's {image_side(cfg)}-pixel images give "
-                                  f"{seen} visual tokens, not visual_tokens x images = {visual}; the bench knows the "
-                                  f"geometry of {', '.join(BENCH_FAMILIES)}")
+                raise ConfigError(f"model.family={cfg.model.family}: the bench's {image_side(cfg)}-pixel pictures give "
+                                  f"{seen} visual tokens, not {visual} ({cfg.visual_tokens} per image or frame); the "
+                                  f"bench knows the geometry of {', '.join(BENCH_FAMILIES)}")
+            shown = f"{seen} visual ({cfg.frames} frames)" if cfg.frames else f"{visual} visual"
             n_text = int(one["attention_mask"][0].sum()) - visual
             header = (f"{cfg.model.path or 'random ' + cfg.model.family} | hidden {text.hidden_size}, "
                       f"{text.num_hidden_layers} layers, {text.num_attention_heads}/{text.num_key_value_heads} heads | "
-                      f"{visual} visual + {n_text} text tokens | batch {batch} "
+                      f"{shown} + {n_text} text tokens | batch {batch} "
                       f"| {loaded.model.dtype} | {implementation} | {loaded.device} | median of {cfg.repeats}")
             tables.append({"header": header, "batch_size": batch, "attn_implementation": implementation,
                            "weight_bytes": weight_bytes(loaded.model), "rows": rows_for(loaded, samples, cfg)})

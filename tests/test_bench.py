@@ -103,6 +103,21 @@ def test_gpu_preset_runs_on_cpu_at_reduced_width(tmp_path):
         assert rows["none"]["max_batch"] > 0
 
 
+def test_video_prompts_count_the_video_baselines(tmp_path):
+    """`frames`: one clip per prompt; the video baselines get rows, and the header says what the LLM saw."""
+    out = run_bench(tmp_path, "+bench_preset=llava_onevision_7b", "model.scale=0.0625", "visual_tokens=16",
+                    "frames=4", "model.dtype=float32", "methods=[vidcom2,dycoke]", "keeps=[0.25]",
+                    "batch_sizes=[1,2]", "repeats=0", "warmup=0", "decode_tokens=2", "device=cpu",
+                    "attn_implementations=[sdpa]")
+    for table in out["tables"]:
+        assert "64 visual (4 frames)" in table["header"]
+        rows = {r["method"]: r for r in table["rows"]}
+        assert set(rows) == {"none", "vidcom2", "dycoke"}
+        assert rows["vidcom2"]["prefill_kernels"] > rows["none"]["prefill_kernels"]
+    syncs = [{r["method"]: r["prefill_syncs"] for r in t["rows"]} for t in out["tables"]]
+    assert syncs[0] == syncs[1]
+
+
 def test_gpu_preset_at_full_scale_is_qwen2_vl_7b_sized():
     """Built on the meta device (no memory): the text model has Qwen2-VL-7B's 7.6B parameters."""
     loaded = build_model(preset("qwen2vl_7b"), torch.device("meta"))
@@ -239,6 +254,10 @@ def test_time_calls_times_the_callables_a_factory_returns():
     ("keeps=[1.5]", "keep=1.5"), ("protocol=paper", "'paper'"), ("model.scale=0", "model.scale=0"),
     ("memory_budget_gb=-1", "memory_budget_gb=-1"), ("attn_implementations=[flashy]", "'flashy'"),
     ("model.family=internvl", "'internvl'.*qwen2_vl, qwen2_5_vl, qwen3_vl, llava"),
+    ("frames=-1", "frames=-1 must be >= 0"), ("frames=4 model.family=llava", "frames=4 with model.family=llava"),
+    ("model.family=llava_onevision", "benched on videos only.*frames=8"),
+    ("frames=4 images=2", "images=2 with frames=4"),
+    ("methods=[holitom]", "holitom prunes videos only: bench videos with frames"),
 ])
 def test_bad_bench_settings_are_one_line_before_a_model_is_built(override, fragment):
     cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "bench.yaml"), OmegaConf.from_dotlist(override.split()))
@@ -247,7 +266,7 @@ def test_bad_bench_settings_are_one_line_before_a_model_is_built(override, fragm
 
 
 def test_presets_validate():
-    for name in ("overhead", "decode", "qwen2vl_7b", "llava15_7b"):
+    for name in ("overhead", "decode", "qwen2vl_7b", "llava15_7b", "llava_onevision_7b"):
         cfg = preset(name, "device=cpu")
         validate(cfg)
     assert preset("decode").images * preset("decode").visual_tokens >= 4096

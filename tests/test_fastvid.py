@@ -183,7 +183,7 @@ def test_bad_settings_are_refused_in_one_line_before_loading():
         (dict(model="tiny_qwen2vl"), r"protocol=official: model family 'qwen2_vl' is not supported "
                                      r"\(supported: llava_onevision, qwen2_5_vl\)"),
         (dict(model="tiny_llava", protocol="uniform"), r"family 'llava' is not supported \(supported: "
-                                                       r"llava_onevision, qwen2_vl, qwen2_5_vl\)"),
+                                                       r"llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl\)"),
         (dict(model="tiny_llava_onevision", dyseg_ignore=0.9), r"prune.dyseg_ignore=0.9 has no effect"),
         (dict(model="tiny_qwen2_5vl", protocol="uniform", dyseg_ignore=0.9), r"prune.dyseg_ignore=0.9 has no effect"),
         (dict(model="tiny_llava_onevision", prune_layers=[2]), r"must be \[0\]"),
@@ -209,3 +209,90 @@ def test_the_cli_runs_it_end_to_end(tmp_path):
     # the official rule keeps int(9 * 0.25) = 2 tokens per frame: 8 of 36, flagged, with the reason logged
     assert retention["final"] == pytest.approx(8 / 36) and retention["budget_unreachable_samples"] == 2
     assert "int(P * keep) tokens per frame" in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------------ Qwen3-VL (the uniform port)
+# The engine matches encoder inputs to layout segments one to one; Qwen3-VL's adapter hands one encoder input
+# per temporal patch, its (1, h, w) segment.
+def qwen3_video(seed: int = 60) -> Sample:
+    return Sample("v", "What moves?", "", [], video=[noise_image(seed + i, 112) for i in range(8)])
+
+
+def last_block_salience(loaded, inputs) -> torch.Tensor:
+    """[4, 16] per temporal patch of the 8-frame video (64 rows of 16-px patches, 16 merged tokens): the frame's
+    mean post-RoPE query of the last vision block attends each token's mean key (its 4 consecutive rows), softmax
+    over the frame in float32, mean over heads (the Qwen port's salience)."""
+    visual = loaded.model.model.visual
+    block = visual.blocks[-1]
+    seen = {}
+    handle = block.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.update(x=args[0] if args else kwargs["hidden_states"],
+                                             rope=kwargs["position_embeddings"]), with_kwargs=True)
+    with torch.no_grad():
+        loaded.model(**inputs)
+    handle.remove()
+    x, (cos, sin) = seen["x"], seen["rope"]
+    heads = block.attn.num_heads
+    q, k, _ = block.attn.qkv(block.norm1(x)).view(len(x), 3, heads, -1).unbind(1)  # [rows, heads, D]
+
+    def rope(t):
+        half = t.shape[-1] // 2
+        turned = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+        return t.float() * cos[:, None].float() + turned.float() * sin[:, None].float()
+
+    q, k = rope(q).view(4, 64, heads, -1), rope(k).view(4, 16, 4, heads, -1).mean(2)  # frames, tokens, heads, D
+    logits = torch.einsum("fhd,fphd->fhp", q.mean(1), k) / q.shape[-1] ** 0.5
+    return torch.softmax(logits, dim=-1).mean(1)
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.5])
+def test_qwen3_vl_port_keeps_the_last_vision_blocks_salient_tokens(keep):
+    loaded = load_model("tiny_qwen3vl", "cpu")
+    batch = [qwen3_video()]
+    inputs = prepare(loaded, batch, None)
+    assert inputs["video_grid_thw"].tolist() == [[4, 8, 8]]
+    salience = last_block_salience(loaded, inputs)
+    x = stock_inputs(loaded, inputs)
+    # stprune_d=0: every kept token is salient, round(keep * 64) spread evenly, nothing merged
+    pruner = make_pruner("fastvid", model="tiny_qwen3vl", keep=keep, protocol="uniform", stprune_d=0.0)
+    kept, embeds, _ = first_layer_run(loaded, inputs, pruner)
+    per_frame = round(keep * 64) // 4
+    expected = sorted(16 * f + i for f in range(4) for i in salience[f].topk(per_frame).indices.tolist())
+    assert sorted(kept) == expected
+    visual = x.visual.tolist()
+    rows = [i for i in range(x.embeds.shape[1]) if i not in visual or visual.index(i) in expected]
+    torch.testing.assert_close(embeds, x.embeds[:, rows])  # unmerged input embeddings at the kept tokens
+    # with the default d = 0.4, each frame's 8 - int(8 * 0.4) = 5 most salient tokens are among those kept
+    pruner = make_pruner("fastvid", model="tiny_qwen3vl", keep=0.5, protocol="uniform")
+    kept, _, _ = first_layer_run(loaded, inputs, pruner)
+    assert len(kept) == 32
+    assert {16 * f + i for f in range(4) for i in salience[f].topk(5).indices.tolist()} <= set(kept)
+
+
+def test_qwen3_vl_batch_matches_batch_of_one():
+    loaded = load_model("tiny_qwen3vl", "cpu")
+    batch = [qwen3_video(), Sample("w", "Which object moves the most in this clip?", "", [], video=clip((2, 4, 2)))]
+    together = batch_matches_alone(loaded, batch, make_pruner("fastvid", model="tiny_qwen3vl", keep=0.3,
+                                                              protocol="uniform", dyseg_c=3))
+    assert [len(kept) for kept in together[0]] == [round(0.3 * 64)] * 2
+
+
+def test_official_is_refused_on_the_ported_families_in_one_line():
+    for model, family in (("tiny_qwen2vl", "qwen2_vl"), ("tiny_qwen3vl", "qwen3_vl")):
+        with pytest.raises(ConfigError, match=rf"protocol=official: model family '{family}' is not supported "
+                           r"\(supported: llava_onevision, qwen2_5_vl\); protocol=uniform runs the port on "
+                           "qwen2_vl, qwen3_vl$") as error:
+            make_pruner("fastvid", model=model, keep=0.2)
+        assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_the_cli_runs_the_qwen3_vl_port(tmp_path):
+    command = [sys.executable, "-m", "clse_exp", "model=tiny_qwen3vl", "prune=fastvid", "keep=0.25",
+               "protocol=uniform", "dataset=synthetic", "dataset.variant=video", "dataset.limit=2", "logger=none",
+               "eval.reference=false", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    retention = json.loads((tmp_path / "summary.json").read_text())["retention"]
+    n = retention["visual_tokens_in"]
+    assert abs(retention["average"] - 0.25) <= 0.5 / n + 1e-9 and retention["budget_unreachable_samples"] == 0

@@ -13,13 +13,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from clse_exp.models.base import VisualSegment
+from clse_exp.models.base import EncoderRows, VisualSegment
 from clse_exp.models.qwen2_vl import Qwen2VLAdapter
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     token_pixels = 32  # 16-pixel patches merged 2 x 2
+
+    def vision_layer_inputs(self, model: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, tower_kwargs: dict
+                            ) -> list[EncoderRows]:
+        """One item per segment: the tower encodes a (T, H, W) video in one piece (its blocks attend within each
+        temporal patch, no windows), while the layout makes each temporal patch a (1, H, W) segment of its own."""
+        items = []
+        for (t, _, _), item in zip(tower_kwargs["grid_thw"].tolist(),
+                                   super().vision_layer_inputs(model, hidden, layer_kwargs, tower_kwargs), strict=True):
+            rows = len(item.hidden) // t
+            tokens = rows // model.model.visual.spatial_merge_size**2
+            for i in range(t):
+                part = slice(i * rows, (i + 1) * rows)
+                items.append(EncoderRows(item.hidden[part], item.cos[part], item.sin[part], [rows],
+                                         item.token[part] - i * tokens))
+        return items
 
     def vision_flops(self, model: nn.Module, segments: list[VisualSegment]) -> int | None:
         return None  # 16-px patches, learned position embeddings and DeepStack mergers: no formula here yet

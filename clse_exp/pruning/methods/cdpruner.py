@@ -14,7 +14,8 @@ The instruction is the benchmark question without the answer-format line (llava/
 model_vqa_science.py:81); the method reads `Sample.question` of the batch `prepare_samples` saw last (the
 runner's `pruner.prepare_samples`, clse_exp.generation.prepare). T = round(keep * N): the cut is at layer 0,
 so `budget=average` and `final` give the same count. The official loader runs batch 1 (its whole-tensor
-min-max is per image); here relevance, min-max and the DPP are per sample, over all of its images' tokens.
+min-max is per image); here relevance, min-max and the DPP are per sample, over all of its images' tokens,
+computed for the whole batch at once (one text-tower call, padded [B, N, N] kernels, one greedy loop).
 `uniform` keeps original positions and exactly k distinct tokens: it stops the greedy once no token adds a
 positive gain (where the official loop takes square roots of non-positive numbers, and its mask collapses
 the repeated picks that follow) and fills the rest by relevance.
@@ -27,10 +28,8 @@ the tiny offline models, `auto` the one that fits the model's vision tower (see 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -166,7 +165,8 @@ def text_tokens(clip: ClipParts, text: str) -> torch.Tensor:
 
 def text_embeds(clip: ClipParts, text: str | torch.Tensor, device: torch.device) -> torch.Tensor:
     """[M, P] one CLIP text embedding per 77-token segment of the untruncated, zero-padded token ids (`text`, or
-    its `text_tokens` already on the device)."""
+    its `text_tokens` already on the device: any number of segments, of one instruction or of many, go through
+    the tower as the rows of one call; each row is pooled at its own end token, as the stock model does)."""
     if isinstance(text, str):
         with host_side():
             tokens = text_tokens(clip, text)
@@ -183,46 +183,77 @@ def clip_flops(clip: ClipParts, segments: int, patches: int) -> int:
             + 2 * patches * projection.in_features * projection.out_features)
 
 
-def relevance(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """[N] the official relevance: negated cosine averaged over text segments, min-max with 1e-6 on top."""
+def relevance(image: torch.Tensor, text: torch.Tensor, owner: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, N] the official relevance of each sample's tokens (image [B, N, P], `valid` [B, N]) against its own
+    text segments (text [S, P], owner [B, S]: which segments are sample b's): negated cosine averaged over the
+    sample's segments, min-max over its valid tokens with 1e-6 on top (invalid tokens: whatever their rows give)."""
     image = image / image.norm(dim=-1, keepdim=True)
     text = text / text.norm(dim=-1, keepdim=True)
-    score = (-(image @ text.T)).mean(dim=-1)
-    return (score - score.min() + 1e-6) / (score.max() - score.min())
+    # a masked sum over all segments divided by the sample's count: its mean (torch's mean is sum / count)
+    score = (-(image @ text.T)).masked_fill(~owner[:, None], 0).sum(dim=-1) / owner.sum(dim=1, keepdim=True)
+    invalid = ~valid
+    low = score.masked_fill(invalid, float("inf")).amin(dim=1, keepdim=True)
+    high = score.masked_fill(invalid, float("-inf")).amax(dim=1, keepdim=True)
+    return (score - low + 1e-6) / (high - low)
 
 
-def fast_map(kernel: torch.Tensor, k: int, fill: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy MAP of a DPP with kernel [N, N] (Chen et al. 2018's incremental Cholesky), k steps, in pick order.
+def fast_map(kernel: torch.Tensor, k: int, fill: torch.Tensor | None = None, valid: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Greedy MAP of a DPP (Chen et al. 2018's incremental Cholesky), k steps, in pick order: kernel [N, N] gives
+    [k], kernel [B, N, N] gives [B, k], every sample stepped at once (`valid` [B, N]: its real tokens; a row
+    that needs fewer than k picks discards the rest).
 
     Without `fill` the official loop: no stopping rule (a non-positive gain yields NaN rows and possibly
-    repeated picks). With `fill` ([N] priorities) the picks stop at the first step whose gain is not positive
-    and the rest are taken by descending priority, so the k picks are distinct. The loop uses tensor ops only
-    (no host synchronisation per step); the stopping step is found after it, on the device too.
+    repeated picks). With `fill` ([N] or [B, N] priorities) the picks stop at the first step whose gain is not
+    positive and the rest are taken by descending priority, so the k picks are distinct. The loop uses tensor
+    ops only (no host synchronisation per step); the stopping step is found after it, on the device too.
+    Invalid tokens get gain -inf at every step: once a gain of 0 divides an official row, the valid tokens
+    may all be at -inf while an invalid one turns NaN, which argmax would take.
     """
-    n = kernel.shape[0]
-    rows = kernel.new_zeros(k, n)
-    gain = kernel.diagonal().clone()
-    picks = torch.empty(k, dtype=torch.long, device=kernel.device)
-    gains = kernel.new_empty(k)
+    single = kernel.dim() == 2
+    if single:
+        kernel, fill = kernel[None], None if fill is None else fill[None]
+    batch, n = kernel.shape[:2]
+    rows = kernel.new_zeros(batch, k, n)
+    gain = kernel.diagonal(dim1=1, dim2=2).clone()
+    invalid = None if valid is None else ~valid
+    if invalid is not None:
+        gain.masked_fill_(invalid, float("-inf"))
+    picks = torch.empty(batch, k, dtype=torch.long, device=kernel.device)
+    gains = kernel.new_empty(batch, k)
     for i in range(k):
-        j = torch.argmax(gain).view(1)
-        picks[i : i + 1] = j
-        gains[i : i + 1] = gain.index_select(0, j)
-        row = (kernel.index_select(0, j)[0] - torch.einsum("t,tn->n", rows[:i].index_select(1, j)[:, 0], rows[:i])
-               ) / torch.sqrt(gains[i])
-        rows[i] = row
+        j = torch.argmax(gain, dim=1, keepdim=True)  # [B, 1]: the first maximal index, as the official argmax
+        picks[:, i : i + 1] = j
+        gains[:, i : i + 1] = gain.gather(1, j)
+        earlier = rows[:, :i]
+        row = (kernel.gather(1, j[:, :, None].expand(batch, 1, n))[:, 0]
+               - torch.einsum("bt,btn->bn", earlier.gather(2, j[:, None].expand(batch, i, 1))[..., 0], earlier)
+               ) / torch.sqrt(gains[:, i : i + 1])
+        rows[:, i] = row
         gain -= row.square()
-        gain.index_fill_(0, j, float("-inf"))
-    if fill is None:
-        return picks
-    # the first step without a positive gain (k: none), found on the device: no host read
+        gain.scatter_(1, j, float("-inf"))
+        if invalid is not None:
+            gain.masked_fill_(invalid, float("-inf"))
+    if fill is not None:
+        picks = _filled(kernel, picks, gains, fill, invalid)
+    return picks[0] if single else picks
+
+
+def _filled(kernel: torch.Tensor, picks: torch.Tensor, gains: torch.Tensor, fill: torch.Tensor,
+            invalid: torch.Tensor | None) -> torch.Tensor:
+    """[B, k] the picks up to each row's first step without a positive gain, then its untaken valid tokens by
+    descending `fill` (stable: ties by index), all found on the device."""
+    k = picks.shape[1]
     stopped = ~(gains > 0)
     steps = torch.arange(k, device=kernel.device)
-    first = torch.where(stopped.any(), stopped.to(torch.int8).argmax(), k)
+    first = torch.where(stopped.any(dim=1), stopped.to(torch.int8).argmax(dim=1), k)[:, None]  # [B, 1]
     taken = steps < first
-    picked = kernel.new_zeros(n).index_add_(0, picks, taken.to(kernel.dtype)) > 0  # picks[:first], repeats or not
-    order = torch.sort(fill.masked_fill(picked, float("-inf")), descending=True, stable=True).indices
-    return torch.where(taken, picks, order.gather(0, (steps - first).clamp(min=0)))
+    # picks[:first], repeats or not
+    picked = kernel.new_zeros(fill.shape).scatter_add_(1, picks, taken.to(kernel.dtype)) > 0
+    if invalid is not None:
+        picked |= invalid
+    order = torch.sort(fill.masked_fill(picked, float("-inf")), dim=1, descending=True, stable=True).indices
+    return torch.where(taken, picks, order.gather(1, (steps - first).clamp(min=0)))
 
 
 def _missing_checkpoint(source: str) -> str | None:
@@ -237,20 +268,6 @@ def _missing_checkpoint(source: str) -> str | None:
     if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(source, "config.json"), str):
         return "the hub is offline (HF_HUB_OFFLINE) and it is not in the local cache"
     return None
-
-
-def _says_when_short(select: Callable[..., Selection]) -> Callable[..., Selection]:
-    """Wrap `select` so a selection with fewer tokens than asked (the official rule's collapsed repeats) is
-    announced once per run; the selection itself is unchanged."""
-
-    @functools.wraps(select)
-    def wrapper(self: CDPruner, ctx: StageContext, b: int, k: int) -> Selection:
-        selection = select(self, ctx, b, k)
-        if len(selection.order) < k:
-            self.announce_shortfall(k, len(selection.order), ctx.n_visual[b])
-        return selection
-
-    return wrapper
 
 
 class CDPruner(PruningMethod):
@@ -330,68 +347,97 @@ class CDPruner(PruningMethod):
                     "repeats once the kernel runs out of rank (no positive gain left); records give each sample's "
                     "retention (protocol=uniform fills the rest by relevance to keep exactly k)", kept, asked, n_visual)
 
-    @_says_when_short
     def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        clip = self.clip_parts(ctx, b)
-        picks, flops = self._picks(ctx, b, k, clip, instruction(self.question(ctx, b)))
-        if ctx.protocol == "official":  # the official mask: repeated picks collapse
-            picks = torch.unique(picks)
-        return Selection(picks, aux_flops=flops)
+        """Sample b's choice: its row of `select_batch` with only sample b cut (the other rows are dropped)."""
+        budgets: list[int | None] = [None] * ctx.hidden.shape[0]
+        budgets[b] = k
+        choice = self.select_batch(ctx, budgets)
+        return Selection(choice.order[b, : choice.counts[b]], aux_flops=choice.aux_flops[b])
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
-        """`select` for every sample: the questions tokenised on the host and uploaded once; under `official`
-        the kept counts (the picks left once repeats collapse, a number only the data sets) read once."""
+        """Every sample at once: the questions tokenised on the host and uploaded once (with each segment's
+        sample and each sample's count), one text-tower call, batched [B, N, N] kernels and one greedy DPP of
+        max(budgets) steps; under `official` the kept counts (what is left once repeats collapse, a number only
+        the data sets) are read once. A sample not cut (budget None) keeps its tokens; its rows are computed
+        with the batch and ignored."""
         samples = [b for b, k in enumerate(budgets) if k is not None]
-        clips = {b: self.clip_parts(ctx, b) for b in samples}
-        device = ctx.hidden.device
-        with host_side():
-            tokens = [text_tokens(clips[b], instruction(self.question(ctx, b))) for b in samples]
-        texts = {}
-        if tokens:
-            uploaded = upload(torch.cat(tokens, dim=1), device)
-            texts = dict(zip(samples, uploaded.split([t.shape[1] for t in tokens], dim=1), strict=True))
-        picks, flops = {}, [0] * len(budgets)
-        for b in samples:
-            picks[b], flops[b] = self._picks(ctx, b, budgets[b], clips[b], texts[b])
         width = ctx.visual_slots.shape[1]
         counts = list(ctx.n_current)
         if not samples:
             return BatchSelection(ctx.visual_slots[:, :0], counts, width)
-        if ctx.protocol == "official":  # the official mask: repeated picks collapse, to a count read once
-            masks = {b: torch.zeros(ctx.n_current[b], dtype=torch.bool, device=device).index_fill_(0, picks[b], True)
-                     for b in samples}
-            kept = torch.stack([mask.sum() for mask in masks.values()]).tolist()
-            for b, count in zip(samples, kept, strict=True):
-                picks[b] = positions_of(masks[b][None], count)[0]
-                if count < budgets[b]:
-                    self.announce_shortfall(budgets[b], count, ctx.n_visual[b])
-        else:
-            picks = {b: order.sort().values for b, order in picks.items()}
-        for b in samples:
-            counts[b] = len(picks[b])
-        keep = max(counts)
-        order = torch.full((len(counts), keep), width, dtype=torch.long, device=device)
-        for b, count in enumerate(counts):
-            order[b, :count] = picks[b] if b in picks else torch.arange(count, device=device)
-        return BatchSelection(order, counts, width, aux_flops=flops)
-
-    def _picks(self, ctx: StageContext, b: int, k: int, clip: ClipParts, text: str | torch.Tensor
-               ) -> tuple[torch.Tensor, int]:
-        """Sample b's k DPP picks in pick order (official: repeats possible; uniform: distinct, filled by
-        relevance) and the CLIP FLOPs they took; `text`: its instruction, or its tokens on the device."""
-        features = ctx.hidden_states(b)
+        clip = self._batch_clip(ctx, samples)
+        asked = [n if k is None else k for k, n in zip(budgets, counts, strict=True)]
+        with host_side():
+            tokens = [text_tokens(clip, instruction(self.question(ctx, b))) for b in samples]
+            owners = torch.cat([torch.full((t.shape[1],), b) for b, t in zip(samples, tokens, strict=True)])
+            segments = torch.cat(tokens, dim=1)
+            packed = torch.cat([segments.flatten(), owners, torch.tensor(asked)])
+        packed = upload(packed, ctx.hidden.device)
+        rows = segments.shape[1]
+        texts = packed[: 2 * rows * clip.segment].view(2, rows, clip.segment)
+        owner = packed[2 * rows * clip.segment : -len(asked)]
+        wanted = packed[-len(asked) :, None]  # [B, 1]: tokens each sample keeps (all of them where not cut)
+        valid = ctx.visual_valid
+        present = valid.sum(dim=1, keepdim=True)
         with torch.no_grad():
-            patches = torch.cat([image[1:] for image in ctx.vision_inputs(b, -1)]).float()
-            image = clip.visual_projection(clip.post_layernorm(patches))
-            text = text_embeds(clip, text, features.device)
-            r = relevance(image, text)
+            text = text_embeds(clip, texts, ctx.hidden.device)
+            mine = owner[None] == torch.arange(len(budgets), device=owner.device)[:, None]  # [B, S]
+            r = relevance(self._image_features(ctx, clip, present), text, mine, valid)
+            features = ctx.visual_hidden()
             if ctx.protocol == "official":
                 unit = (features / features.norm(dim=-1, keepdim=True)).float()
             else:
                 unit = F.normalize(features.float(), dim=-1)
-            kernel = r[:, None] * (unit @ unit.T) * r[None, :]
-            picks = fast_map(kernel, k) if ctx.protocol == "official" else fast_map(kernel, k, fill=r)
-        return picks, clip_flops(clip, text.shape[0], patches.shape[0])
+            unit = unit.masked_fill(~valid[..., None], 0)
+            kernel = r[:, :, None] * (unit @ unit.transpose(1, 2)) * r[:, None, :]
+            steps = max(budgets[b] for b in samples)
+            fill = None if ctx.protocol == "official" else r
+            padded = min(ctx.n_current) < width  # no invalid token to keep out otherwise
+            picks = fast_map(kernel, steps, fill=fill, valid=valid if padded else None)
+        # a set per sample: its live picks (official: repeats collapse), or all of its tokens where not cut
+        live = torch.arange(steps, device=picks.device) < wanted
+        chosen = valid.new_zeros(len(budgets), width + 1).scatter_(1, torch.where(live, picks, width), True)
+        chosen = chosen[:, :width] | (valid & (wanted >= present))
+        if ctx.protocol == "official":
+            kept = chosen.sum(dim=1, keepdim=True)
+            counts = kept[:, 0].tolist()
+            for b in samples:
+                if counts[b] < budgets[b]:
+                    self.announce_shortfall(budgets[b], counts[b], ctx.n_visual[b])
+        else:
+            kept, counts = wanted, asked
+        keep = max(counts)
+        order = positions_of(chosen, keep)
+        order = torch.where(torch.arange(keep, device=order.device) < kept, order, width)
+        flops = [0] * len(budgets)
+        for b, t in zip(samples, tokens, strict=True):
+            flops[b] = clip_flops(clip, t.shape[1], ctx.n_current[b])
+        return BatchSelection(order, counts, width, aux_flops=flops)
+
+    def _batch_clip(self, ctx: StageContext, samples: list[int]) -> ClipParts:
+        """The CLIP parts every cut sample resolves to: one text tower runs for the batch."""
+        parts = [self.clip_parts(ctx, b) for b in samples]
+        if any(part is not parts[0] for part in parts):
+            raise ConfigError("prune.clip: the samples of one batch resolve to different CLIP checkpoints; name "
+                              "the checkpoint with prune.clip=<hub id or directory>")
+        return parts[0]
+
+    @staticmethod
+    def _image_features(ctx: StageContext, clip: ClipParts, present: torch.Tensor) -> torch.Tensor:
+        """[B, N, P] CLIP's `visual_projection(post_layernorm(.))` of every sample's patch tokens (each image's
+        [CLS] dropped), one pass over the batch's patches laid out in `visual_slots` order (filler rows repeat
+        real ones); `present` [B, 1]: each sample's visual token count on the device."""
+        images = [[image[1:] for image in ctx.vision_inputs(b, -1)] for b in range(len(ctx.n_current))]
+        for b, sample in enumerate(images):
+            if sum(image.shape[0] for image in sample) != ctx.n_current[b]:
+                raise RuntimeError(f"prune=cdpruner: sample {b} has {ctx.n_current[b]} visual tokens but "
+                                   f"{sum(image.shape[0] for image in sample)} patch tokens; it needs one per token")
+        patches = torch.cat([image for sample in images for image in sample]).float()
+        projected = clip.visual_projection(clip.post_layernorm(patches))
+        start = present.cumsum(dim=0) - present  # [B, 1] each sample's first patch
+        index = (start + torch.arange(ctx.visual_slots.shape[1], device=start.device)).clamp(
+            max=projected.shape[0] - 1)
+        return projected[index]
 
 
 def _check_same_tower(source: str, clip_layer: nn.Module, model_layer: nn.Module) -> None:

@@ -12,24 +12,16 @@ tokens with the LOWEST cosine similarity to it in the final-norm feature space, 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
 
 from clse_exp.errors import ConfigError
-from clse_exp.pruning.methods.base import (
-    BatchSelection,
-    Layers,
-    MethodOptions,
-    ModelFacts,
-    PruningMethod,
-    Selection,
-    pack,
-)
+from clse_exp.pruning.attention import post_rope_keys
+from clse_exp.pruning.methods.base import BatchSelection, Layers, MethodOptions, ModelFacts, PruningMethod
 from clse_exp.pruning.schedule import plan_stages
 from clse_exp.pruning.signals import StageContext
-from clse_exp.pruning.slots import positions_of
+from clse_exp.pruning.slots import gather_rows
 
 
 class DART(PruningMethod):
@@ -89,105 +81,147 @@ class DART(PruningMethod):
         return self.options.visual_pivots + self.options.text_pivots
 
     def select(self, ctx: StageContext, b: int, k: int) -> torch.Tensor:
-        after = self._text_after_counts(ctx)[b]
-        if ctx.protocol == "official":
-            visual_pivots, text_pivots = self._pivots_of(ctx, b, after, official=True)
-            seqs = ctx.sequence_index(b, torch.cat([ctx.visual_positions(b)[visual_pivots], text_pivots])).tolist()
-            return self._official(ctx, b, k, visual_pivots, text_pivots, seqs)
-        return self._exact(ctx, b, k, after)
+        """Sample b's k tokens, ascending: the batched rule with every other sample kept whole."""
+        keep = ctx.is_visual.sum(1)
+        keep[b] = k
+        budgets = [k if i == b else None for i in range(len(ctx.n_current))]
+        choice = self.select_batch(dataclasses.replace(ctx, keep_counts=keep), budgets)
+        return choice.order[b, : choice.counts[b]]
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
-        """Per sample as `select`, with every count known on the host; under `official` the pivots' sequence
-        indices (whose CPython set order the official loop follows) are read for the whole batch at once."""
-        afters = self._text_after_counts(ctx)
-        if ctx.protocol != "official":
-            return pack([None if k is None else Selection(self._exact(ctx, b, k, afters[b]).sort().values)
-                         for b, k in enumerate(budgets)], ctx)
-        pivots = {b: self._pivots_of(ctx, b, afters[b], official=True) for b, k in enumerate(budgets) if k is not None}
-        rows = [ctx.sequence_index(b, torch.cat([ctx.visual_positions(b)[v], t])) for b, (v, t) in pivots.items()]
-        width = max((len(row) for row in rows), default=0)
-        stacked = torch.stack([F.pad(row, (0, width - len(row))) for row in rows]) if rows else None
-        host = [] if stacked is None else stacked.tolist()  # the one read: the set order is the host's
-        seqs = {b: row[: len(v) + len(t)] for (b, (v, t)), row in zip(pivots.items(), host, strict=True)}
-        return pack([None if k is None else Selection(self._official(ctx, b, k, *pivots[b], seqs[b]))
-                     for b, k in enumerate(budgets)], ctx)
+        """Both protocols for the whole batch: key norms, pivot top-k and features at once, then the pivot loop
+        once per step, each sample taking its own count (nothing once its pivots are done). A sample's steps
+        are its pivots in visit order: `uniform` visual pivots by norm rank, then text pivots; `official` the
+        CPython set order of their sequence indices, read on the host once for the batch."""
+        official = ctx.protocol == "official"
+        valid = ctx.visual_valid
+        width = valid.shape[1]
+        device = valid.device
+        norms = self._key_norms(ctx, official)
+        last = ctx.visual_slots.masked_fill(~valid, -1).max(1, keepdim=True).values
+        after = ctx.slots.valid & ~ctx.is_visual & (torch.arange(norms.shape[1], device=device)[None] > last)
+        afters = self._text_after_counts(ctx, after)
+        plans = [None if k is None or k >= n else self._plan(official, n, k, a)
+                 for k, n, a in zip(budgets, ctx.n_current, afters, strict=True)]
+        n_visual = min(self.options.visual_pivots, width)
+        n_text = max(min(self.options.text_pivots, a) for a in afters)
+        visual_pivots = norms.gather(1, ctx.visual_slots).masked_fill(~valid, float("-inf")).topk(n_visual).indices
+        text_pivots = norms.masked_fill(~after, float("-inf")).topk(n_text).indices  # slot positions
+        pivot_slots = torch.cat([ctx.visual_slots.gather(1, visual_pivots), text_pivots], 1)
+        normed = ctx.final_norm(ctx.hidden)
+        if not official:
+            normed = F.normalize(normed.float(), dim=-1)
+        features, pivot_features = gather_rows(normed, ctx.visual_slots), gather_rows(normed, pivot_slots)
 
-    def _text_after_counts(self, ctx: StageContext) -> list[int]:
-        """Per sample, the real text tokens after its last current visual token. Known on the host while no
-        visual token was cut (the last grid token stands; text is never cut): the tokens after it up to the
-        prompt's end. Otherwise (an earlier cut) read from the device, once for the batch."""
-        batch = len(ctx.n_current)
+        cut = [plan for plan in plans if plan is not None]
+        steps = max((-(-c // p) for _, _, p, c in cut if p), default=0)
+        sizes = [[min(max(c - s * p, 0), p) for _, _, p, c in cut] for s in range(steps)]  # each step's takes
+        # a sample with fewer visual pivots than the batch's top-k, or taking fewer than the step's top-k, needs
+        # its counts on the device; otherwise every top-k is each cut sample's own and no mask is needed
+        ragged = any(plan[0] < n_visual for plan in cut) or any(min(t) < max(t) for t in sizes)
+        if ragged:
+            visual, texts, per, cap = self._device_plan(official, ctx, valid, after)
+            ranks = torch.arange(max([steps, n_visual, *map(max, sizes)]), device=device)
+            takes = (cap[:, None] - ranks[:steps] * per[:, None]).clamp(min=0).minimum(per[:, None])  # [B, steps]
+            visual_pivots = torch.where(ranks[:n_visual] < visual[:, None], visual_pivots, width)
+        if official:
+            rows = self._set_order(ctx, pivot_slots, plans, n_visual, steps, pivot_features)
+        else:  # each sample's visual pivots (at most k of them) by norm rank, then its text pivots
+            rows = pivot_features[:, :steps]
+            if ragged:  # move each sample's text pivots up to follow its own visual pivots
+                column = torch.arange(n_visual + n_text, device=device)
+                rank = torch.where(column < n_visual, column, column - n_visual + visual[:, None])
+                real = torch.where(column < n_visual, column < visual[:, None], column - n_visual < texts[:, None])
+                rows = gather_rows(pivot_features, rank.masked_fill(~real, len(column)).argsort(1)[:, :steps])
+            similarity = features @ rows.transpose(1, 2)  # [B, N, steps]
+
+        closed = F.pad(~valid, (0, 1), value=True)  # the last column takes the picks a sample does not make
+        closed.scatter_(1, visual_pivots, True)
+        for s, size in enumerate(max(t) for t in sizes):
+            if official:  # the lowest cosine similarity to the pivot: the official top-k of its negation
+                scores = -F.cosine_similarity(rows[:, s, None], features, dim=-1)
+                picks = scores.masked_fill(closed[:, :width], float("-inf")).topk(size).indices
+            else:
+                scores = similarity[:, :, s].masked_fill(closed[:, :width], float("inf"))
+                picks = scores.topk(size, largest=False).indices
+            if ragged:  # picks past a sample's own count go to the spare column
+                picks = torch.where(ranks[:size] < takes[:, s, None], picks, width)
+            closed.scatter_(1, picks, True)
+
+        counts = [n if plan is None else plan[0] + plan[3] for n, plan in zip(ctx.n_current, plans, strict=True)]
+        kept = valid & closed[:, :width]
+        if len(cut) < len(plans):  # a sample with nothing to cut keeps every token
+            kept = valid & (closed[:, :width] | (ctx.keep_counts >= valid.sum(1))[:, None])
+        order = torch.where(kept, torch.arange(width, device=device), width).sort(1).values
+        return BatchSelection(order[:, : max(counts)], counts, width)
+
+    def _plan(self, official: bool, n: int, k: int, after: int) -> tuple[int, int, int, int]:
+        """A cut sample's counts on the host: (visual pivots kept, text pivots, tokens per pivot step, tokens
+        all steps take). Official: (k - visual pivots) // pivots per pivot until the candidates run out;
+        uniform: at most k visual pivots, the rest of k shared out rounded up, so k is met exactly."""
+        visual, texts = min(self.options.visual_pivots, n), min(self.options.text_pivots, after)
+        if official:
+            per = max(0, (k - visual) // self._pivots)
+            return visual, texts, per, min(n - visual, (visual + texts) * per)
+        visual = min(visual, k)
+        return visual, texts, -(-(k - visual) // max(1, visual + texts)), k - visual
+
+    def _device_plan(self, official: bool, ctx: StageContext, valid: torch.Tensor, after: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_plan` for every sample at once on the device ([B] each), from the counts the device holds
+        (`ctx.keep_counts`), so no host count is uploaded; a sample that keeps every token takes nothing."""
+        n, k = valid.sum(1), ctx.keep_counts
+        visual, texts = n.clamp(max=self.options.visual_pivots), after.sum(1).clamp(max=self.options.text_pivots)
+        if official:
+            per = ((k - visual) // self._pivots).clamp(min=0) * (k < n)
+            return visual, texts, per, (n - visual).minimum((visual + texts) * per)
+        visual = visual.minimum(k)
+        rest = (k - visual) * (k < n)
+        return visual, texts, -(-rest // (visual + texts).clamp(min=1)), rest
+
+    def _set_order(self, ctx: StageContext, pivot_slots: torch.Tensor, plans: list[tuple[int, int, int, int] | None],
+                   n_visual: int, steps: int, pivot_features: torch.Tensor) -> torch.Tensor:
+        """[B, steps, C]: each cut sample's pivot features in the CPython set order of the pivots' sequence
+        indices, as the official loop visits them (filler rows after). The indices are read once for the
+        batch; the rows are picked as views and stacked, so the order reaches the device without an upload."""
+        index = ctx.slots.idx.gather(1, pivot_slots).tolist()  # the one read: the set order is the host's
+        rows = []
+        for b, (plan, row) in enumerate(zip(plans, index, strict=True)):
+            order = []
+            if plan is not None:
+                columns = [*range(plan[0]), *range(n_visual, n_visual + plan[1])]
+                first = ctx.first_slot[b] if ctx.first_slot else 0
+                seqs = [row[c] - first for c in columns]  # indices in the sample's own unpadded prompt
+                column_of = dict(zip(seqs, columns, strict=True))
+                order = [column_of[seq] for seq in set(seqs)]  # CPython's set order, as the official loop's
+            rows += [pivot_features[b, c] for c in (order + [0] * steps)[:steps]]
+        return torch.stack(rows).view(len(plans), steps, -1) if rows else pivot_features[:, :0]
+
+    def _text_after_counts(self, ctx: StageContext, after: torch.Tensor) -> list[int]:
+        """Per sample, the real text tokens after its last current visual token (`after` marks them). Known on
+        the host while no visual token was cut (the last grid token stands; text is never cut): the tokens
+        after it up to the prompt's end. Otherwise read from the device, once for the batch."""
         if ctx.segment_spans and ctx.first_slot and ctx.n_current == ctx.n_visual:
             return [ctx.first_slot[b] + ctx.n_visual[b] + ctx.n_text[b] - 1 - ctx.segment_spans[b][-1][1]
-                    if ctx.segment_spans[b] else ctx.n_text[b] for b in range(batch)]
-        last = ctx.visual_slots.masked_fill(~ctx.visual_valid, -1).max(1, keepdim=True).values
-        after = torch.arange(ctx.slots.idx.shape[1], device=last.device)[None] > last
-        return (ctx.slots.valid & ~ctx.is_visual & after).sum(1).tolist()
+                    if ctx.segment_spans[b] else ctx.n_text[b] for b in range(len(ctx.n_current))]
+        return after.sum(1).tolist()
 
-    def _pivots_of(self, ctx: StageContext, b: int, after: int, official: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(visual pivot positions into the visual tokens, text pivot slot positions), by key L1 norm; `after`:
-        how many of the sample's text tokens follow its last visual token (known on the host)."""
-        visual = ctx.visual_positions(b)
-        text_after = ctx.text_positions(b)[ctx.n_text[b] - after :]
-        keys = ctx.keys(b, torch.cat([visual, text_after]))
-        if official:  # the official keys are taken after the GQA head repeat: every kv head counted H/H_kv times
-            attn = ctx.layers[ctx.layer - 1].self_attn
-            keys = keys.view(len(keys), -1, attn.head_dim).repeat_interleave(attn.num_key_value_groups, dim=1)
-            norms = keys.flatten(1).norm(p=1, dim=-1)
+    def _key_norms(self, ctx: StageContext, official: bool) -> torch.Tensor:
+        """[B, L] L1 norm of layer K-1's post-RoPE keys (heads concatenated) at every current slot, cached as
+        `StageContext.keys` caches them. Official: after the GQA head repeat (every kv head counted H / H_kv
+        times), in the keys' dtype; uniform: float32, each kv head once."""
+        layer = ctx.layer - 1
+        capture = ctx._capture(layer)
+        keys = ctx._cache.get(("keys", layer))
+        if keys is None:
+            keys = post_rope_keys(ctx.layers[layer], capture.hidden, capture.cos, capture.sin).transpose(1, 2)
+            keys = ctx._cache[("keys", layer)] = keys.flatten(2)  # [B, L, kv_heads * head_dim]
+        if official:
+            attn = ctx.layers[layer].self_attn
+            keys = keys.view(*keys.shape[:2], -1, attn.head_dim).repeat_interleave(attn.num_key_value_groups, dim=2)
+            norms = keys.flatten(2).norm(p=1, dim=-1)
         else:
             norms = keys.float().abs().sum(-1)
-        visual_pivots = norms[: len(visual)].topk(min(self.options.visual_pivots, len(visual))).indices
-        text_pivots = text_after[:0]
-        if len(text_after) and self.options.text_pivots:
-            text_pivots = text_after[norms[len(visual):].topk(min(self.options.text_pivots, len(text_after))).indices]
-        return visual_pivots, text_pivots
-
-    def _official(self, ctx: StageContext, b: int, k: int, visual_pivots: torch.Tensor, text_pivots: torch.Tensor,
-                  pivot_seq: list[int]) -> torch.Tensor:
-        """The official loop: each pivot, in CPython's set order of the pivots' sequence indices (`pivot_seq`,
-        read on the host), takes the per_pivot remaining visual tokens least similar to it. Candidates are a
-        device mask and their count is tracked on the host, so nothing else is read back."""
-        visual = ctx.visual_positions(b)
-        n = len(visual)
-        per_pivot = max(0, (k - len(visual_pivots)) // self._pivots)
-        pivot_slots = torch.cat([visual[visual_pivots], text_pivots])
-        features = ctx.normed_hidden(b, torch.cat([visual, pivot_slots]))
-        visual_features, pivot_features = features[:n], features[n:]
-        row_of = {seq: i for i, seq in enumerate(pivot_seq)}
-        chosen = torch.zeros(n, dtype=torch.bool, device=visual.device).index_fill_(0, visual_pivots, True)
-        candidates, count = ~chosen, n - len(visual_pivots)
-        for pivot in list(set(pivot_seq)):  # CPython's set order, as the official loop iterates it
-            if count == 0 or per_pivot == 0:
-                break
-            take = min(per_pivot, count)
-            cos = -F.cosine_similarity(pivot_features[row_of[pivot]][None], visual_features, dim=-1)
-            picks = cos.masked_fill(~candidates, float("-inf")).topk(take).indices
-            chosen.index_fill_(0, picks, True)
-            candidates.index_fill_(0, picks, False)
-            count -= take
-        return positions_of(chosen[None], n - count)[0]
-
-    def _exact(self, ctx: StageContext, b: int, k: int, after: int) -> torch.Tensor:
-        visual = ctx.visual_positions(b)
-        visual_pivots, text_pivots = self._pivots_of(ctx, b, after, official=False)
-        visual_pivots = visual_pivots[:k]
-        features = F.normalize(ctx.normed_hidden(b).float(), dim=-1)
-        pivot_features = torch.cat([features[visual_pivots],
-                                    F.normalize(ctx.normed_hidden(b, text_pivots).float(), dim=-1)])
-        available = torch.ones(len(visual), dtype=torch.bool, device=visual.device)
-        available[visual_pivots] = False
-        count = len(visual) - len(visual_pivots)  # available tokens, tracked on the host
-        chosen = [visual_pivots]
-        remaining = k - len(visual_pivots)
-        per_pivot = math.ceil(remaining / len(pivot_features)) if remaining > 0 else 0
-        for pivot in pivot_features:
-            take = min(per_pivot, remaining, count)
-            if take <= 0:
-                break
-            similarity = (features @ pivot).masked_fill(~available, float("inf"))
-            picks = similarity.topk(take, largest=False).indices
-            available[picks] = False
-            chosen.append(picks)
-            remaining -= take
-            count -= take
-        return torch.cat(chosen)
+        if capture.slots is ctx.slots:
+            return norms
+        return norms.gather(1, capture.slots.lookup_all(ctx.slots.idx).clamp(min=0))

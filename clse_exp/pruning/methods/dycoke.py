@@ -52,7 +52,17 @@ Its decode stage spans every visual token and keeps round((1 - p) * M). keep=1 r
 model). The decode stage changes no prefill and no record (it masks keys per step, as the official code gathers
 them, and stores every key), so KV bytes and prefill FLOPs are TTM's; decode attention FLOPs are not reduced in
 the report. The decode attention is softmaxed in float32 and cast to the model dtype (official: computed in the
-model dtype). Families other than LLaVA-OneVision and image inputs are refused before weights load.
+model dtype).
+
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL (`uniform` only; the official code has no Qwen path): the rule above, carried
+over literally, per video, on the LLM-input embeddings (the merger's output). Departures: a "frame" is one
+temporal grid step (a temporal patch of 2 input frames, its h * w merged tokens); Qwen3-VL lays a video out as
+one (1, h, w) segment per temporal patch (timestamps between them), so consecutive one-frame grids of one size
+are taken as one video (two same-size images side by side would be merged as one clip); the kept tokens keep
+their original M-RoPE positions and decoding continues from the unpruned rope deltas; Qwen3-VL's DeepStack rows
+follow the kept tokens (the engine's cut) and the decode stage applies its per-head query norm before RoPE.
+`protocol=official` on these families is refused in one line (it names the port). Other families and image
+inputs are refused before weights load.
 """
 
 from __future__ import annotations
@@ -69,9 +79,11 @@ from torch import nn
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules, Selection
 from clse_exp.pruning.methods.divprune import pre_llm_rules
+from clse_exp.pruning.methods.vidcom2 import clips_of
 from clse_exp.pruning.signals import StageContext
 
-FAMILIES = ("llava_onevision",)
+FAMILIES = ("llava_onevision",)  # the official code's family
+UNIFORM_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the uniform rule's (ports on Qwen)
 log = logging.getLogger(__name__)
 
 
@@ -198,9 +210,13 @@ class DyCoke(PruningMethod):
 
     def check_budget(self, keep: float, budget: str, layers: Layers, facts: ModelFacts, official: bool) -> None:
         o = self.options
-        if facts.family not in FAMILIES:
-            raise ConfigError(f"prune=dycoke merges video frames of LLaVA-OneVision's pooled grid; model family "
-                              f"{facts.family!r} is not supported (supported: {', '.join(FAMILIES)})")
+        families = FAMILIES if official else UNIFORM_FAMILIES
+        if facts.family not in families:
+            port = (f"; protocol=uniform runs the port on {', '.join(UNIFORM_FAMILIES[1:])}"
+                    if official and facts.family in UNIFORM_FAMILIES else "")
+            raise ConfigError(f"prune=dycoke protocol={'official' if official else 'uniform'} merges video frames; "
+                              f"model family {facts.family!r} is not supported (supported: {', '.join(families)})"
+                              f"{port}")
         if tuple(layers.prune_layers) != (0,):
             raise ConfigError(f"prune=dycoke merges frames at the LLM input: layers.prune_layers="
                               f"{list(layers.prune_layers)} must be [0]")
@@ -232,18 +248,18 @@ class DyCoke(PruningMethod):
 
     # ------------------------------------------------------------------------------- stage 1: TTM
     def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        grids = ctx.grids(b)
-        if any(frames < 2 for frames, _, _ in grids):
+        clips = clips_of(ctx.grids(b), ctx.family)  # (frames, tokens per frame, offset); frames: temporal steps
+        if any(frames < 2 for frames, _, _ in clips):
             raise ConfigError("prune=dycoke merges tokens across video frames; this prompt holds an image (or a "
                               "one-frame video)")
         features = ctx.hidden_states(b)
-        sizes = [f * h * w for f, h, w in grids]
+        sizes = [frames * tokens for frames, tokens, _ in clips]
         official = ctx.protocol == "official"
         order, offset = [], 0
-        for (frames, h, w), size, share in zip(grids, sizes, proportional(k, sizes), strict=True):
+        for (frames, tokens, _), size, share in zip(clips, sizes, proportional(k, sizes), strict=True):
             x = features[offset : offset + size]
             if official:
-                per_frame = self.options.tokens_per_frame or h * w
+                per_frame = self.options.tokens_per_frame or tokens
                 ratio = self.options.merge_ratio
                 m = official_per_frame(size, per_frame, share) if ratio is None else int((1 - ratio) * per_frame)
                 picks = official_ttm(x, per_frame, min(m, per_frame))
@@ -268,7 +284,10 @@ class DyCoke(PruningMethod):
         attn = layer.self_attn
         batch = hidden.shape[0]
         x = layer.input_layernorm(hidden)
-        query = attn.q_proj(x).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+        query = attn.q_proj(x).view(batch, 1, -1, attn.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3-VL normalises each head's query before RoPE
+            query = attn.q_norm(query)
+        query = query.transpose(1, 2)
         cos, sin = (part.unsqueeze(1) for part in rotary)
         query = query * cos + rotate_half(query) * sin
         groups = query.shape[1] // keys.shape[1]

@@ -74,7 +74,14 @@ tokens are spread over the frames in proportion to their size (cumulative roundi
 k_f - int(k_f d) salient and int(k_f d) context; a segment's context shares are pooled on its anchors (evenly,
 the remainder to the later anchors), capped at each anchor's candidates, any excess kept as extra salient
 tokens of the segment's frames in order (the OV rule on every family; Qwen families read the vision-block
-salience). Families: official llava_onevision and qwen2_5_vl; uniform also qwen2_vl; others refused.
+salience). Families: official llava_onevision and qwen2_5_vl; uniform also qwen2_vl and qwen3_vl; others refused
+(official on a ported family in one line that names the port).
+Qwen3-VL (uniform port): its vision blocks are Qwen2.5-VL's without windows (every block attends within a
+temporal patch), so the salience is read the same way from the last block's input (16-px patches: each merged
+token is its 4 rows of 16 x 16 pixels); the signal and the cut are on the LLM-input embeddings (the final
+merger's output), before the DeepStack features are added after layers 0.. (the engine adds them to the kept
+tokens only; the DeepStack mergers' own features are not read). A video is laid out as one (1, h, w) segment
+per temporal patch, so consecutive one-frame grids of one size are joined back into one clip, as VidCom2 does.
 `keep` is the official ratio (R = int(P * keep)), so official retention departs from keep by the rule's floors;
 the run says so once and the engine flags such samples.
 """
@@ -83,6 +90,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -97,13 +105,17 @@ from clse_exp.pruning.methods.base import (
     Selection,
     pack,
 )
+from clse_exp.pruning.methods.vidcom2 import clips_of
 from clse_exp.pruning.methods.visionzip import per_token
 from clse_exp.pruning.signals import StageContext
 from clse_exp.pruning.slots import positions_of
 
+if TYPE_CHECKING:  # the models package imports the methods
+    from clse_exp.models.base import EncoderRows
+
 OFFICIAL_FAMILIES = ("llava_onevision", "qwen2_5_vl")  # the families whose official code is reproduced
-UNIFORM_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")  # video grids the rule runs on
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # salience from the last vision block (the Qwen port's signal)
+UNIFORM_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # video grids the rule runs on
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # salience from the last vision block (the Qwen port's signal)
 TAU = {"llava_onevision": 0.9}  # DySeg_tau per family (OV eval.sh:8); Qwen 0.84 (QW eval.sh:9)
 QWEN_TAU = 0.84
 QWEN_IGNORE = 0.95  # DySeg_ignore, the Qwen port's sub-segment threshold (QW eval.sh:10)
@@ -233,7 +245,8 @@ class FastVID(PruningMethod):
     def check_budget(self, keep: float, budget: str, layers: Layers, facts: ModelFacts, official: bool) -> None:
         families = OFFICIAL_FAMILIES if official else UNIFORM_FAMILIES
         if facts.family not in families:
-            extra = "; protocol=uniform also runs on qwen2_vl" if official else ""
+            ported = [f for f in UNIFORM_FAMILIES if f not in OFFICIAL_FAMILIES]
+            extra = f"; protocol=uniform runs the port on {', '.join(ported)}" if facts.family in ported else ""
             raise ConfigError(f"prune=fastvid protocol={'official' if official else 'uniform'}: model family "
                               f"{facts.family!r} is not supported (supported: {', '.join(families)}){extra}")
         if self.options.dyseg_ignore is not None and not (official and facts.family == "qwen2_5_vl"):
@@ -347,18 +360,20 @@ class FastVID(PruningMethod):
             current = ctx.hidden_states(b)
             work = current if official else current.float()
             vision = ctx.vision_inputs(b, -1) if ctx.family in QWEN_FAMILIES else None
-            clips[b], offset = [], 0
-            for i, (t, h, w) in enumerate(ctx.grids(b)):
-                clip = work[offset : offset + t * h * w].view(t, h * w, -1)
+            grids = ctx.grids(b)
+            clips[b], offset, segment = [], 0, 0
+            for frames, tokens, _ in clips_of(grids, ctx.family):  # Qwen3-VL: a video's (1, h, w) segments joined
+                clip = work[offset : offset + frames * tokens].view(frames, tokens, -1)
                 features, salience = frame_signals(clip)
+                span = range(segment, segment + frames // grids[segment][0])  # the grids (encoder inputs) it spans
                 if vision is not None:
-                    rows = vision[i]
-                    queries, keys = ctx.encoder_queries_keys(ctx.vision_layers[-1], rows)
-                    dtype = rows.hidden.dtype if official else torch.float32
-                    salience = vision_salience(queries, keys, rows.token, t, h * w, dtype).to(clip.device)
+                    dtype = vision[segment].hidden.dtype if official else torch.float32
+                    salience = torch.cat([self.encoder_salience(ctx, vision[s], grids[s][0], tokens, dtype)
+                                          for s in span]).to(clip.device)
                 flags = cut_flags(features, self.options.dyseg_c, self.tau(), ignore)
                 clips[b].append((clip, salience, flags))
-                offset += t * h * w
+                offset += frames * tokens
+                segment = span.stop
             if offset != len(current):
                 raise RuntimeError(f"sample {b}: its grids hold {offset} tokens but it has {len(current)} visual "
                                    "tokens")
@@ -372,6 +387,13 @@ class FastVID(PruningMethod):
             cuts = [[next(host) for _ in range(flag.numel())] for _, _, flag in clips[b]]
             selections.append(self._select(ctx, b, k, clips[b], cuts, official))
         return selections
+
+    @staticmethod
+    def encoder_salience(ctx: StageContext, rows: EncoderRows, frames: int, tokens: int, dtype: torch.dtype
+                         ) -> torch.Tensor:
+        """[frames, tokens] the Qwen salience of one encoded segment, from the last vision block's input rows."""
+        queries, keys = ctx.encoder_queries_keys(ctx.vision_layers[-1], rows)
+        return vision_salience(queries, keys, rows.token, frames, tokens, dtype)
 
     def _select(self, ctx: StageContext, b: int, k: int, clips: list, cuts: list[list[bool]], official: bool
                 ) -> Selection:

@@ -65,12 +65,33 @@ over the static groups (one per window) and the dynamic groups (one per frame) i
 (cumulative rounding), each dynamic share split by D as above; if it exceeds what the static merge leaves, no
 window merges. A merged static token sits at its centre's position in its window's first frame. schedule=paper
 gives the uniform protocol the nominal official counts, round(R N) and round(round(R N) (1 - r)).
+
+Port to Qwen2-VL, Qwen2.5-VL and Qwen3-VL (`uniform` only; no official code exists for them, so protocol=official
+is refused there in one line): the uniform rule above, unchanged, with these stand-ins.
+- Frames: a video's temporal grid steps (2 input frames each, after the temporal patch), P = its merged h x w
+  tokens; features are their LLM input embeddings (the 2x2 merger's output), as LLaVA-OneVision's pooled,
+  projected frame tokens are. On Qwen3-VL, which lays a video out as one (1, h, w) segment per step, consecutive
+  one-frame grids of one size are one clip (two same-size videos or images side by side would join, as in VidCom2).
+- Attention: the official signal is already [CLS]-free (SigLIP's head and query mean over a frame's patches from
+  the layer that produces the features). Qwen2-VL / Qwen2.5-VL: the same rule on the LAST vision block (the one
+  that produces the merger's input), recomputed in float32 from its captured input with its post-RoPE queries
+  and keys, softmax over the step's own rows (the block's own attention: Qwen2-VL attends per step, and
+  Qwen2.5-VL's last block is one of its full-attention blocks), then each token the mean of its 2x2 rows
+  (LLaVA-OneVision's 2x2 bilinear pooling is the mean of each 2x2 block). Qwen3-VL: the engine cannot pair
+  its tower's per-video rows with its per-step segments, so the stand-in reads the embeddings: per step
+  softmax(x x^T / sqrt(C)) over its tokens, averaged over queries (the same rule with identity projections).
+- Positions: original M-RoPE positions at prefill and decode (Rules()): a merged static token takes its centre's
+  (t, h, w) in the window's first step; after the inner merge the kept tokens keep theirs, which is the official
+  inner rule (position_ids = keep_indexs) in three dimensions, so the inner merge runs on Qwen too.
+- Qwen3-VL's DeepStack features follow the kept tokens (the engine adds each kept token's own rows): a merged
+  token gets its representative's (centre's or kept token's) features, not merged ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,10 +108,15 @@ from clse_exp.pruning.methods.base import (
     Selection,
     pack,
 )
+from clse_exp.pruning.methods.vidcom2 import clips_of
+from clse_exp.pruning.methods.visionzip import per_token
 from clse_exp.pruning.signals import StageContext
 from clse_exp.pruning.slots import positions_of
 
 FAMILIES = ("llava_onevision",)  # the families whose official code this reproduces
+PORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # protocol=uniform only: the port (see the module docstring)
+VISION_BLOCK = ("qwen2_vl", "qwen2_5_vl")  # ports whose attention is the last vision block's
+ATTENTION_CHUNK = 1 << 26  # most probabilities one step of the vision-block signal holds (real towers)
 OFFICIAL_DEPTH = 28  # LLaVA-OneVision-Qwen2-7B
 OFFICIAL_LLM_LAYER = 18  # HOLITOM_k in every script (HT:scripts/eval_ov-7b_holitom.sh:2)
 DENSITY_NOISE = 1e-6  # tie-breaking jitter on the DPC density (HT:llava_arch.py:39-40)
@@ -108,6 +134,32 @@ def siglip_attention(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     k = attn.k_proj(hidden).view(frames, rows, heads, -1).transpose(1, 2)
     probs = torch.softmax(q @ k.transpose(2, 3) * attn.scale, dim=-1, dtype=torch.float32).to(q.dtype)
     return probs.mean(dim=1).mean(dim=1)
+
+
+def vision_block_attention(queries: torch.Tensor, keys: torch.Tensor, token: torch.Tensor, frames: int,
+                           tokens: int) -> torch.Tensor:
+    """[F, P] float32: the SigLIP signal's rule on a Qwen vision block (queries and keys [heads, rows, D], post
+    RoPE): per temporal step the softmax attention among its own rows, averaged over heads and then queries, then
+    over the rows the 2x2 merger turns into each token (`token`: its grid-order token). A step's rows are
+    contiguous in every Qwen tower (Qwen2.5-VL's windows lie within a step)."""
+    heads, rows, dim = queries.shape
+    step = rows // frames
+    q = queries.float().view(heads, frames, step, dim)
+    k = keys.float().view(heads, frames, step, dim)
+    chunk = max(1, ATTENTION_CHUNK // (heads * step * step))
+    received = []
+    for first in range(0, frames, chunk):
+        part = slice(first, first + chunk)
+        probs = torch.softmax(q[:, part] @ k[:, part].transpose(2, 3) / dim**0.5, dim=-1)
+        received.append(probs.mean(dim=0).mean(dim=1))
+    return per_token(torch.cat(received).flatten(), token, frames * tokens).view(frames, tokens)
+
+
+def embedding_attention(frames: torch.Tensor) -> torch.Tensor:
+    """[F, P]: the SigLIP signal's rule on a clip's LLM input embeddings [F, P, C] (one head, no projections):
+    per frame softmax(x x^T / sqrt(C)) over its tokens, averaged over queries."""
+    probs = torch.softmax(frames @ frames.transpose(1, 2) / frames.shape[-1] ** 0.5, dim=-1)
+    return probs.mean(dim=1)
 
 
 def pool_like_frames(weights: torch.Tensor) -> torch.Tensor:
@@ -294,9 +346,13 @@ class HoliTom(PruningMethod):
         return [1.0, 1.0 - self.options.llm_ratio] if n_stages == 2 else None
 
     def check_budget(self, keep: float, budget: str, layers: Layers, facts: ModelFacts, official: bool) -> None:
-        if facts.family not in FAMILIES:
-            raise ConfigError(f"prune=holitom: model family {facts.family!r} is not supported (supported: "
-                              f"{', '.join(FAMILIES)})")
+        if official and facts.family not in FAMILIES:
+            raise ConfigError(f"prune=holitom protocol=official: model family {facts.family!r} is not supported "
+                              f"(supported: {', '.join(FAMILIES)}); protocol=uniform runs the port on "
+                              f"{', '.join(PORTED)}")
+        if facts.family not in FAMILIES + PORTED:
+            raise ConfigError(f"prune=holitom protocol=uniform: model family {facts.family!r} is not supported "
+                              f"(supported: {', '.join(FAMILIES + PORTED)})")
         stages = tuple(layers.prune_layers)
         if stages[0] != 0 or len(stages) > 2:
             raise ConfigError(f"prune=holitom merges at the LLM input and optionally once inside it: "
@@ -333,8 +389,18 @@ class HoliTom(PruningMethod):
         return Rules()
 
     def vision_layers(self, facts: ModelFacts) -> tuple[int, ...]:
-        """The last SigLIP layer's input: its attention is the official token signal (HT:siglip:618-622)."""
-        return (-1,)
+        """The last encoder layer's input: its attention is the token signal (HT:siglip:618-622); Qwen3-VL's
+        stand-in reads the LLM input embeddings instead (see the module docstring)."""
+        return (-1,) if facts.family in FAMILIES + VISION_BLOCK else ()
+
+    def run_notice(self, layers: Layers, facts: ModelFacts) -> str | None:
+        if facts.family not in PORTED:
+            return None
+        signal = ("the last vision block's head- and query-mean attention within each temporal step"
+                  if facts.family in VISION_BLOCK else "a query-mean softmax of the video's LLM input embeddings "
+                  "within each temporal step (the engine does not pair Qwen3-VL's vision rows with its frames)")
+        return (f"prune=holitom on {facts.family} runs the uniform port: frames are the video's temporal grid "
+                f"steps, and {signal} stands in for the official SigLIP attention")
 
     # ------------------------------------------------------------------------------ selection
     def select(self, ctx: StageContext, b: int, k: int) -> Selection:
@@ -374,17 +440,15 @@ class HoliTom(PruningMethod):
         for b, k in budgets.items():
             current = ctx.hidden_states(b)
             work = current if official else current.float()
-            grids = ctx.grids(b)
-            siglip = ctx.vision_inputs(b, -1)
+            grids = clips_of(ctx.grids(b), ctx.family)
+            encoded = ctx.vision_inputs(b, -1) if ctx.family in FAMILIES + VISION_BLOCK else [None] * len(grids)
             offset = 0
-            for index, ((t, h, w), budget) in enumerate(zip(grids, spread(k, [t * h * w for t, h, w in grids]),
-                                                            strict=True)):
-                frames = work[offset : offset + t * h * w].view(t, h * w, -1)
-                weights = pool_like_frames(siglip_attention(ctx.vision_layers[-1], siglip[index]))
-                weights = weights.to(work.dtype) if official else weights.float()
+            for (t, p, _), item, budget in zip(grids, encoded, spread(k, [t * p for t, p, _ in grids]), strict=True):
+                frames = work[offset : offset + t * p].view(t, p, -1)
+                weights = self.weights(ctx, frames, item).to(work.dtype)
                 clips.append(Clip(b, offset, frames, weights, static_runs(frames, self.options.tau),
                                   None if official else budget))
-                offset += t * h * w
+                offset += t * p
             if offset != len(current):
                 raise RuntimeError(f"sample {b}: its grids hold {offset} tokens but it has {len(current)} visual "
                                    "tokens")
@@ -404,6 +468,16 @@ class HoliTom(PruningMethod):
             orders[clip.sample].append(clip.offset + order)
             rows_out[clip.sample].append(merged)
         return {b: Selection(torch.cat(orders[b]), torch.cat(rows_out[b]).to(ctx.hidden.dtype)) for b in budgets}
+
+    def weights(self, ctx: StageContext, frames: torch.Tensor, item: Any) -> torch.Tensor:
+        """[F, P] token attention of a clip [F, P, C]: the official SigLIP signal (LLaVA-OneVision, `item` its
+        frames' encoder rows) or the port's stand-in (Qwen: `item` the video's vision-block rows, or None)."""
+        if ctx.family in FAMILIES:
+            return pool_like_frames(siglip_attention(ctx.vision_layers[-1], item))
+        if item is None:
+            return embedding_attention(frames)
+        queries, keys = ctx.encoder_queries_keys(ctx.vision_layers[-1], item)
+        return vision_block_attention(queries, keys, item.token, *frames.shape[:2]).to(frames.device)
 
     def _jitter(self, ctx: StageContext, clips: list[Clip], plans: list[list[WindowPlan]]) -> dict[int, Jitter]:
         """Each sample's density jitter, drawn on the host from its own generator (as many values as its

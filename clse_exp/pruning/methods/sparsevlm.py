@@ -24,7 +24,8 @@ under `protocol=official`:
   centres = top density x distance-to-denser; nearest centre; mean with 1e-6 in the denominator). The
   cluster means follow the kept tokens, in centre order; each occupies its centre token's slot (the trace
   lists the centre). The density noise draws from `ctx.generator` (official: the global RNG, fp16; here
-  float32), so a sample draws the same in any batch.
+  float32), so a sample draws the same in any batch. Equal scores (e.g. the one centre of a few recycled
+  tokens, whose densities are all 1 + noise) go to the lower position, which no padding changes.
 - Positions (modelling_sparse_llama.py:308, 317, 553-554): renumbered contiguously after every cut; at
   decode each layer continues from its own cache length; every layer caches what it ran on (ragged).
   M-RoPE families keep their original (3-D) positions; a cluster mean takes its centre's.
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 
 from clse_exp.efficiency.counts import host_side, upload
 from clse_exp.errors import ConfigError, choose_one
+from clse_exp.pruning.attention import query_attention
 from clse_exp.pruning.methods.base import (
     BatchSelection,
     Layers,
@@ -59,10 +61,9 @@ from clse_exp.pruning.methods.base import (
     PruningMethod,
     Rules,
     Selection,
-    pack,
 )
 from clse_exp.pruning.signals import StageContext
-from clse_exp.pruning.slots import positions_of
+from clse_exp.pruning.slots import gather_rows, positions_of
 
 OFFICIAL_DEPTH = 32
 OFFICIAL_CUTS = (3, 7, 16)  # the official stages cut the outputs of layers 2, 6 and 15
@@ -110,80 +111,97 @@ def table_fractions(keep: float) -> tuple[float, float, float]:
     return anchors[-1][1]
 
 
+def best(values: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, count] indices of each row's `count` largest values, ties to the lower index: a top-k whose picks do
+    not depend on how far a row is padded, so a sample picks alike alone and in a batch."""
+    return values.sort(dim=-1, descending=True, stable=True).indices[:, :count]
+
+
 def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DPC-kNN clustering of x [m, C] into `clusters` means (float32): (means [clusters, C] in centre order,
-    centres [clusters] as indices into x). Density exp(-mean squared distance to the k = `clusters` nearest,
-    self included) plus `noise`; a centre maximises density x distance to the nearest denser token."""
+    centres [clusters] as indices into x); one sample of `dpc_knn_merge_batch`."""
+    count = torch.full((1,), x.shape[0], device=x.device)
+    means, centres = dpc_knn_merge_batch(x[None], count, torch.full_like(count, clusters), clusters, noise[None])
+    return means[0], centres[0]
+
+
+def dpc_knn_merge_batch(x: torch.Tensor, tokens: torch.Tensor, clusters: torch.Tensor, width: int,
+                        noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN clustering of every sample at once (float32). x [B, M, C] holds tokens[b] rows per sample (the
+    rest is filler), `clusters` [B] the sample's cluster count (at most `width`, known on the host), noise
+    [B, M] the density noise. Returns (means [B, width, C] in centre order, centres [B, width] as indices into
+    x); entries past a sample's cluster count are filler. Density exp(-mean squared distance to the k =
+    cluster count nearest, self included) plus the noise; a centre maximises density x distance to the
+    nearest denser token."""
     x = x.float()
-    distance = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / x.shape[1] ** 0.5
-    nearest = distance.topk(clusters, dim=-1, largest=False).values
-    density = (-(nearest**2).mean(-1)).exp() + noise.to(x.device)
-    denser = density[None, :] > density[:, None]  # [i, j]: token j is denser than token i
-    to_denser = torch.where(denser, distance, distance.max()).min(-1).values
-    centres = (to_denser * density).topk(clusters).indices
-    assign = distance[centres].argmin(0)
-    assign[centres] = torch.arange(clusters, device=x.device)
-    members = F.one_hot(assign, clusters).T.to(x.dtype)  # [clusters, m]
-    weight = 1.0 / (members.sum(1) + MERGE_EPS)
-    return members @ (x * weight[assign, None]), centres
+    real = torch.arange(x.shape[1], device=x.device)[None] < tokens[:, None]  # [B, M]
+    distance = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / x.shape[2] ** 0.5
+    nearest = distance.masked_fill(~real[:, None], float("inf")).topk(width, dim=-1, largest=False).values
+    taken = torch.arange(width, device=x.device)[None] < clusters[:, None]  # [B, width]
+    spread = torch.where(taken[:, None], nearest**2, 0).sum(-1) / clusters[:, None]
+    density = (-spread).exp() + noise
+    denser = (density[:, None, :] > density[:, :, None]) & real[:, None]  # [b, i, j]: token j is denser than i
+    pairs = real[:, :, None] & real[:, None]
+    farthest = distance.masked_fill(~pairs, float("-inf")).flatten(1).amax(1)
+    to_denser = torch.where(denser, distance, farthest[:, None, None]).amin(-1)
+    centres = best((to_denser * density).masked_fill(~real, float("-inf")), width)
+    to_centres = distance.gather(1, centres[..., None].expand(-1, -1, x.shape[1]))  # [B, width, M]
+    assign = to_centres.masked_fill(~taken[..., None], float("inf")).argmin(1)
+    assign = torch.cat([assign, assign.new_zeros(len(assign), 1)], dim=1)  # a spare column for filler centres
+    own = torch.where(taken, centres, x.shape[1])
+    assign = assign.scatter_(1, own, torch.arange(width, device=x.device).expand_as(own))[:, :-1]
+    cluster = torch.arange(width, device=x.device)[None, :, None]
+    members = ((assign[:, None] == cluster) & real[:, None]).to(x.dtype)  # [B, width, M]
+    weight = 1.0 / (members.sum(2) + MERGE_EPS)
+    return members @ (x * weight.gather(1, assign)[..., None]), centres
 
 
-def rater_positions(ctx: StageContext, b: int) -> torch.Tensor:
-    """Current slot positions of sample b's text raters, chosen from the LLM input embeddings (layer 0's
-    captured input) of ALL its original visual tokens, so every stage uses the same raters. Candidates are
-    the text tokens after the first visual token, outside the visual spans (a video frame's CLS token is
-    not text)."""
+def find_raters(ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample's text raters, chosen from the LLM input embeddings (layer 0's captured input) of ALL its
+    original visual tokens: ([B, R] their ORIGINAL indices first, in order, then filler; [B] their count).
+    Candidates are the text tokens after the first visual token, outside the visual spans (a video frame's CLS
+    token is not text); all text rates when there is none. Nothing is read back: the spans are uploaded, once,
+    only when some span holds text."""
     first = ctx.captures[0]
-    text = ctx.text_positions(b)
-    text_index = ctx.slots.idx[b, text]
-    visual = first.slots.valid[b] & ~torch.isin(first.slots.idx[b], text_index)  # text is never cut
-    if int(visual.sum()) != ctx.n_visual[b]:
-        raise RuntimeError("sparsevlm reads the visual tokens at layer 0's input, before any cut")
-    after = ctx.outside_segments(b, text[text_index > first.slots.idx[b][visual].min()])
-    if len(after) == 0:
-        return text
-    relevance = (first.hidden[b, visual] @ ctx.hidden_at(0, b, after).T).softmax(-1).mean(0)
-    raters = after[relevance > relevance.mean()]
-    return raters if len(raters) else after
-
-
-def rater_positions_batch(ctx: StageContext, samples: list[int]) -> dict[int, torch.Tensor]:
-    """`rater_positions` for the `samples`, reading the device once for all of them: the candidates' count is
-    known on the host from the visual spans; only the raters (those above the mean relevance, a data-dependent
-    number) are read, with each sample's visual count at layer 0 to check it. Contexts built without the
-    engine's spans take the per-sample rule."""
-    if not samples:
-        return {}
-    if not ctx.segment_spans or not ctx.first_slot or not all(ctx.segment_spans[b] for b in samples):
-        return {b: rater_positions(ctx, b) for b in samples}
-    first = ctx.captures[0]
-    raters, checks, masks = {}, [], {}
-    for b in samples:
-        text = ctx.text_positions(b)
-        text_index = ctx.slots.idx[b, text]
-        visual = first.slots.valid[b] & ~torch.isin(first.slots.idx[b], text_index)  # text is never cut
-        checks.append(visual.sum()[None])
-        visual = positions_of(visual[None], ctx.n_visual[b])[0]
-        spans = ctx.segment_spans[b]
-        inside = torch.zeros_like(text_index, dtype=torch.bool)
-        for start, last in spans:
-            inside |= (text_index >= start) & (text_index <= last)
-        candidate = (text_index > first.slots.idx[b].gather(0, visual).min()) & ~inside
-        # the text after the first visual token, outside every span: all of it, less that inside the spans and
-        # that before the first span (whose first token is the first visual token)
-        inside_text = sum(last - start + 1 for start, last in spans) - ctx.n_visual[b]
-        count = ctx.n_text[b] - inside_text - (spans[0][0] - ctx.first_slot[b])
-        raters[b] = text[positions_of(candidate[None], count)[0]] if count > 0 else text
-        if count > 0:
-            relevance = (first.hidden[b, visual] @ ctx.hidden_at(0, b, raters[b]).T).softmax(-1).mean(0)
-            masks[b] = relevance > relevance.mean()
-    host = torch.cat(checks + [mask.long().sum()[None] for mask in masks.values()]).tolist()  # the stage's read
-    if host[: len(samples)] != [ctx.n_visual[b] for b in samples]:
-        raise RuntimeError("sparsevlm reads the visual tokens at layer 0's input, before any cut")
-    for (b, mask), chosen in zip(masks.items(), host[len(samples):], strict=True):
-        if chosen:  # else every candidate rates
-            raters[b] = raters[b][positions_of(mask[None], chosen)[0]]
-    return raters
+    index, real = first.slots.idx, first.slots.valid
+    batch, length = index.shape[0], first.slots.length or index.shape[1]
+    # text is never cut, so layer 0's text tokens are the current ones, and its visual tokens all the others
+    text_now = torch.where(ctx.slots.valid & ~ctx.is_visual, ctx.slots.idx, length)
+    is_text = torch.zeros(batch, length + 1, dtype=torch.bool, device=index.device).scatter_(1, text_now, True)
+    text = real & is_text[:, :-1].gather(1, index)
+    visual = real & ~text
+    start = torch.where(visual, index, length).amin(1, keepdim=True)
+    candidate = text & (index > start)
+    spans = ctx.segment_spans if ctx.segment_spans and all(ctx.segment_spans) else None
+    if spans is not None and any(sum(last - s + 1 for s, last in spans[b]) > ctx.n_visual[b] for b in range(batch)):
+        with host_side():
+            inside = torch.zeros(batch, length, dtype=torch.bool)
+            for b, sample in enumerate(spans):
+                for s, last in sample:
+                    inside[b, s : last + 1] = True
+        candidate &= ~upload(inside, index.device).gather(1, index)
+    some = candidate.any(1, keepdim=True)
+    candidate = torch.where(some, candidate, text)
+    # widths from the host: the candidates after the first span, less the text inside the spans (else all text)
+    if spans is None or not ctx.first_slot:
+        width = max(ctx.n_text)
+    else:
+        counts = [ctx.n_text[b] - (sum(last - s + 1 for s, last in spans[b]) - ctx.n_visual[b])
+                  - (spans[b][0][0] - ctx.first_slot[b]) for b in range(batch)]
+        width = max(c if c > 0 else t for c, t in zip(counts, ctx.n_text, strict=True))
+    slots = positions_of(candidate, width)
+    count = candidate.sum(1, keepdim=True)
+    present = visual.sum(1, keepdim=True)
+    usable = torch.arange(width, device=index.device)[None] < count
+    seen = gather_rows(first.hidden, positions_of(visual, max(ctx.n_visual)))
+    logits = seen @ gather_rows(first.hidden, slots).transpose(1, 2)  # [B, visual, candidates]
+    relevance = logits.masked_fill(~usable[:, None], float("-inf")).softmax(-1)
+    rows = torch.arange(seen.shape[1], device=index.device)[None, :, None] < present[..., None]
+    relevance = torch.where(rows, relevance, 0).sum(1) / present
+    above = usable & (relevance > torch.where(usable, relevance, 0).sum(1, keepdim=True) / count)
+    chosen = torch.where(some & above.any(1, keepdim=True), above, usable)  # none above the mean: all rate
+    origin = index.gather(1, slots.gather(1, positions_of(chosen, width)))
+    return origin, chosen.sum(1)
 
 
 def split_exact(total: int, visual: int) -> tuple[int, int]:
@@ -270,60 +288,119 @@ class SparseVLM(PruningMethod):
         return super().capture_layers(layers) | {0}
 
     # ------------------------------------------------------------------------------ selection
-    def scores(self, ctx: StageContext, b: int) -> torch.Tensor:
-        """[n_b] mean attention of the raters over the current visual tokens in the layer before the cut."""
-        return self.rater_attention(ctx, b).mean(0)
-
-    def rater_attention(self, ctx: StageContext, b: int) -> torch.Tensor:
-        """[raters, n_b] the raters' head-mean attention over the current visual tokens, layer before the cut."""
-        return ctx.attention_rows(b, rater_positions(ctx, b), ctx.layer - 1)
-
-    def select(self, ctx: StageContext, b: int, k: int) -> torch.Tensor | Selection:
-        """official: k is the top-k count and the clusters come on top; uniform: k is kept + clusters. The rank
-        rule replaces k by the rank of the rater attention, clusters on top, under either protocol."""
-        relation = self.rater_attention(ctx, b)
-        if self.options.count_rule == "rank":
-            k = int(torch.linalg.matrix_rank(relation.float()))  # SVvid score.py:11-13
-        plan = self._plan(ctx, relation.shape[-1], k)
-        noise = None if plan is None else torch.rand(plan[2], generator=ctx.generator(b)) * DENSITY_NOISE
-        return self._choose(ctx, b, k, relation, plan, noise)
+    def select(self, ctx: StageContext, b: int, k: int) -> Selection:
+        """Sample b's row of `select_batch` with only b cut (for callers that ask per sample)."""
+        budgets: list[int | None] = [None] * len(ctx.n_current)
+        budgets[b] = k
+        batch = self.select_batch(ctx, budgets)
+        count = batch.counts[b]
+        return Selection(batch.order[b, :count], None if batch.hidden is None else batch.hidden[b, :count])
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
-        """`select` for every sample, with one read of the device per prefill (the raters, whose number the data
-        sets; the rank rule's counts in one more per stage) and the density noise drawn on the host and uploaded
-        once per stage."""
-        samples = [b for b, k in enumerate(budgets) if k is not None]
-        raters = self._raters(ctx, samples)
-        relations = {b: ctx.attention_rows(b, raters[b], ctx.layer - 1) for b in samples}
-        counts = {b: budgets[b] for b in samples}
-        if self.options.count_rule == "rank" and samples:  # SVvid score.py:11-13: the rank sets the count
-            ranks = torch.stack([torch.linalg.matrix_rank(relations[b].float()) for b in samples]).tolist()
-            counts = dict(zip(samples, ranks, strict=True))
-        plans = {b: self._plan(ctx, ctx.n_current[b], counts[b]) for b in samples}
-        drawn = [b for b in samples if plans[b] is not None]
-        noise: dict[int, torch.Tensor] = {}
-        if drawn:
-            with host_side():  # the official global RNG draw, from each sample's own generator
-                draws = [torch.rand(plans[b][2], generator=ctx.generator(b)) * DENSITY_NOISE for b in drawn]
-            uploaded = upload(torch.cat(draws), ctx.hidden.device)
-            noise = dict(zip(drawn, uploaded.split([len(d) for d in draws]), strict=True))
-        selections: list[Selection | None] = [None] * len(budgets)
-        for b in samples:
-            choice = self._choose(ctx, b, counts[b], relations[b], plans[b], noise.get(b))
-            selections[b] = Selection(choice.sort().values) if isinstance(choice, torch.Tensor) else choice
-        return pack(selections, ctx)
+        """Every sample at once: the raters' attention, the top-k, the recycled tokens and their DPC-kNN clusters
+        as padded tensors. The host reads the device only for the rank rule's counts (one read per stage) and
+        uploads once per stage the counts it planned (kept, clusters, recycled) with the density noise, drawn
+        from each sample's own generator."""
+        n = ctx.n_current
+        valid = ctx.visual_valid
+        present = valid.sum(1)
+        relation, raters = self._relation(ctx, valid)
+        scores = relation.sum(1) / raters[:, None]  # the raters' mean
+        asked = [n_b if k is None else k for k, n_b in zip(budgets, n, strict=True)]
+        ranks = None
+        if self.options.count_rule == "rank" and any(k is not None for k in budgets):  # SVvid score.py:11-13
+            tolerance = torch.maximum(raters, present) * torch.finfo(torch.float32).eps  # matrix_rank's default
+            ranks = torch.linalg.matrix_rank(relation, rtol=tolerance)
+            asked = [n_b if k is None else rank for k, n_b, rank in zip(budgets, n, ranks.tolist(), strict=True)]
+        plans = [None if k is None else self._plan(ctx, n_b, a) for k, n_b, a in zip(budgets, n, asked, strict=True)]
+        kept = [min(a, n_b) if plan is None else plan[0] for a, n_b, plan in zip(asked, n, plans, strict=True)]
+        clusters = [0 if plan is None else plan[1] for plan in plans]
+        if any(plans):
+            recycled = [0 if plan is None else plan[2] for plan in plans]
+            kept_now, clusters_now, recycled_now, noise = self._upload_plan(ctx, kept, clusters, recycled)
+        elif ranks is not None:  # a sample that is cut keeps min(rank, n) tokens, the others all of theirs
+            kept_now = torch.where(ctx.keep_counts < present, torch.minimum(ranks, present), present)
+        else:
+            kept_now = ctx.keep_counts
+        width = valid.shape[1]
+        chosen = self._top(scores, valid, kept_now, max(kept, default=0), width)
+        counts = [k + c for k, c in zip(kept, clusters, strict=True)]
+        if not any(plans):
+            return BatchSelection(chosen, counts, width, None, [0] * len(n))
+        features = gather_rows(ctx.hidden, ctx.visual_slots)  # [B, N, C] the stage layer's output
+        extra = max(clusters)
+        spare = max(kept, default=0) + extra  # a column past every real entry, for the filler's writes
+        at = torch.arange(extra, device=valid.device)
+        at = torch.where(at[None] < clusters_now[:, None], kept_now[:, None] + at, spare)
+        order = F.pad(chosen, (0, extra + 1), value=width)
+        rows = F.pad(gather_rows(features, chosen.clamp(max=width - 1)), (0, 0, 0, extra + 1))
+        pruned = max(n_b - k for n_b, k, plan in zip(n, kept, plans, strict=True) if plan is not None)
+        recycled = self._recycled(scores, valid, present, chosen, kept_now, pruned, max(recycled))
+        means, centres = dpc_knn_merge_batch(gather_rows(features, recycled), recycled_now, clusters_now, extra, noise)
+        order.scatter_(1, at, recycled.gather(1, centres))
+        rows.scatter_(1, at[..., None].expand(-1, -1, rows.shape[2]), means.to(rows.dtype))
+        top = max(counts)
+        return BatchSelection(order[:, :top], counts, width, rows[:, :top], [0] * len(n))
 
-    def _raters(self, ctx: StageContext, samples: list[int]) -> dict[int, torch.Tensor]:
-        """Current slot positions of the samples' raters. They depend on layer 0's input only, so the first stage
-        of a prefill finds them (`rater_positions_batch`, one read) and keeps their ORIGINAL indices, tied to that
-        prefill's layer-0 capture; later stages look them up (text is never cut)."""
+    def _top(self, scores: torch.Tensor, valid: torch.Tensor, kept: torch.Tensor, most: int, width: int
+             ) -> torch.Tensor:
+        """[B, most] each sample's kept[b] best-scored tokens in ascending position, then the filler `width`
+        (scores are attention, finite, so a sample that keeps all of its tokens ranks them above the filler)."""
+        picks = best(scores.masked_fill(~valid, float("-inf")), most)
+        return torch.where(torch.arange(most, device=picks.device)[None] < kept[:, None], picks, width).sort(1).values
+
+    def _recycled(self, scores: torch.Tensor, valid: torch.Tensor, present: torch.Tensor, chosen: torch.Tensor,
+                  kept: torch.Tensor, pruned: int, most: int) -> torch.Tensor:
+        """[B, most] the best-scored pruned tokens in descending score order (official: the pruned tokens in
+        ascending position, then their top-k), `pruned` the largest pruned count of a sample that recycles."""
+        is_kept = torch.zeros(valid.shape[0], valid.shape[1] + 1, dtype=torch.bool, device=valid.device)
+        is_kept = is_kept.scatter_(1, chosen, True)[:, :-1]
+        positions = positions_of(valid & ~is_kept, pruned)
+        real = torch.arange(pruned, device=valid.device)[None] < (present - kept)[:, None]
+        ranked = scores.gather(1, positions).masked_fill(~real, float("-inf"))
+        return positions.gather(1, best(ranked, most))
+
+    def _upload_plan(self, ctx: StageContext, kept: list[int], clusters: list[int], recycled: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The host's per-sample counts (kept by score, clusters, recycled tokens) and each recycling sample's
+        density noise (the official global RNG draw, from its own generator) on the device, in one upload:
+        ([B] kept, [B] clusters, [B] recycled, [B, max recycled] noise)."""
+        with host_side():
+            table = torch.zeros(len(kept), 3 + max(recycled))
+            table[:, :3] = torch.tensor([kept, clusters, recycled], dtype=torch.float32).T  # exact below 2**24
+            for b, m in enumerate(recycled):
+                if m:
+                    table[b, 3 : 3 + m] = torch.rand(m, generator=ctx.generator(b)) * DENSITY_NOISE
+        table = upload(table, ctx.hidden.device)
+        counts = table[:, :3].long()
+        return counts[:, 0], counts[:, 1], counts[:, 2], table[:, 3:]
+
+    def _relation(self, ctx: StageContext, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, R, N] the raters' head-mean attention over the current visual tokens in the layer before the cut,
+        zero outside a sample's raters and visual tokens; [B] each sample's rater count)."""
+        origin, raters = self._raters(ctx)
+        layer = ctx.layer - 1
+        capture = ctx.captures[layer]
+        last = capture.slots.idx.shape[1] - 1  # where the filler queries go: their rows are zeroed below
+        real = torch.arange(origin.shape[1], device=origin.device)[None] < raters[:, None]
+        queries = torch.where(real, capture.slots.lookup_all(origin), last)
+        visual = ctx.visual_slots
+        if capture.slots is not ctx.slots:
+            visual = capture.slots.lookup_all(ctx.slots.idx.gather(1, visual)).clamp(min=0)
+        attention = query_attention(ctx.layers[layer], capture.hidden, capture.cos, capture.sin, capture.slots.valid,
+                                    queries, ctx.attention_dtype)
+        relation = attention.gather(2, visual[:, None].expand(-1, origin.shape[1], -1))
+        return torch.where(real[..., None] & valid[:, None], relation, 0), raters
+
+    def _raters(self, ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, R] ORIGINAL indices of each sample's raters first, then filler; [B] their count). They depend on
+        layer 0's input only: the first stage of a prefill finds them, later ones reuse them (text is never
+        cut)."""
         first = ctx.captures[0]
         cache = getattr(self, "_rater_cache", None)
-        known = cache[1] if cache is not None and cache[0]() is first else {}
-        fresh = rater_positions_batch(ctx, [b for b in samples if b not in known])
-        known = known | {b: ctx.slots.idx[b, positions] for b, positions in fresh.items()}
-        self._rater_cache = (weakref.ref(first), known)
-        return {b: fresh[b] if b in fresh else ctx.slots.lookup(known[b], b) for b in samples}
+        if cache is None or cache[0]() is not first:
+            self._rater_cache = (weakref.ref(first), *find_raters(ctx))
+        return self._rater_cache[1], self._rater_cache[2]
 
     def _plan(self, ctx: StageContext, n: int, k: int) -> tuple[int, int, int] | None:
         """(kept by score, clusters, recycled tokens) of a sample with n current tokens asked for k (the rank
@@ -334,22 +411,3 @@ class SparseVLM(PruningMethod):
         kept, clusters = (k, None) if ctx.protocol == "official" or rank_rule else split_exact(k, n)
         recycled = recycled_count(n - kept)
         return kept, cluster_count(recycled) if clusters is None else clusters, recycled
-
-    def _choose(self, ctx: StageContext, b: int, k: int, relation: torch.Tensor, plan: tuple[int, int, int] | None,
-                noise: torch.Tensor | None) -> torch.Tensor | Selection:
-        """The selection from the raters' attention `relation` and the host's `plan`; nothing read back."""
-        scores = relation.mean(0)
-        n = len(scores)
-        if self.options.count_rule == "rank" and k >= n:  # score.py:19-21: nothing pruned, nothing recycled
-            return torch.arange(n, device=scores.device)
-        if plan is None:
-            return scores.topk(k).indices
-        kept_count, clusters, recycled_tokens = plan
-        kept = scores.topk(kept_count).indices.sort().values
-        pruned = torch.ones(n, dtype=torch.bool, device=scores.device).index_fill_(0, kept, False)
-        pruned = positions_of(pruned[None], n - kept_count)[0]
-        recycled = pruned[scores[pruned].topk(recycled_tokens).indices]
-        features = ctx.hidden_states(b)
-        means, centres = dpc_knn_merge(features[recycled], clusters, noise)
-        order = torch.cat([kept, recycled[centres]])
-        return Selection(order, torch.cat([features[kept], means.to(features.dtype)]))

@@ -32,6 +32,8 @@ Departures (documented, not silent):
 - Budget: a sample keeps k = round(keep * N) tokens split evenly over its images (the earlier images take
   the remainder when it does not divide), i.e. T per image as the official flag sets it.
 `uniform` keeps the same rule and exactly k tokens, at their original positions, computed in float32.
+Batching: every image of the batch is one row of a stack, selected at once; the de-duplication rounds run for
+the longest residual list, and an image that is done keeps its list.
 Other families: the official repository also patches LLaVA-NeXT (its any-resolution tiles), which the
 engine exposes under no family; they are refused before any weights load.
 """
@@ -45,10 +47,16 @@ import logging
 import torch
 
 from clse_exp.errors import ConfigError
-from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules
+from clse_exp.pruning.methods.base import BatchSelection, Layers, MethodOptions, ModelFacts, PruningMethod, Rules
 from clse_exp.pruning.methods.divprune import pre_llm_rules
-from clse_exp.pruning.methods.visionzip import cls_attention_per_head, per_image, require_clip_encoder, split_budget
+from clse_exp.pruning.methods.visionzip import (
+    cls_attention_per_head,
+    device_ints,
+    image_grid,
+    require_clip_encoder,
+)
 from clse_exp.pruning.signals import StageContext
+from clse_exp.pruning.slots import gather_rows, positions_of
 
 DROP_PER_ROUND = 8  # near-duplicates removed per round at most (VP:llava_arch.py:163)
 log = logging.getLogger(__name__)
@@ -59,13 +67,6 @@ def important_count(k: int, ratio: float) -> int:
     return int(k * ratio)
 
 
-def cls_attention(layer: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[n] CLIP `layer`'s attention from [CLS] to each patch, softmax over all 1 + n keys in `dtype`, averaged
-    over heads; recomputed from the layer's input x [1 + n, C] as transformers 4.37.2's eager CLIPAttention
-    computes it (query scaled before the product, softmax in the input dtype)."""
-    return cls_attention_per_head(layer, x, dtype)[0].mean(dim=0)
-
-
 @functools.cache
 def announce_odd_residual() -> None:
     """Say once per process that a budget reached the case where the official code raises."""
@@ -73,18 +74,44 @@ def announce_odd_residual() -> None:
                 "(aefa01a) raises an IndexError; every surviving even-position token is kept (its evident rule)")
 
 
-def remove_duplicates(unit: torch.Tensor, residual: torch.Tensor, count: int) -> torch.Tensor:
-    """VisPruner's diverse tokens: from `residual` (patch indices, ranked) keep `count`, dropping per round up
-    to DROP_PER_ROUND even-position entries whose best cosine to an odd-position entry is highest. `unit`
-    [n, C] holds the normalised features. Returns the final residual list (its order carries no meaning)."""
-    while True:
-        drop = min(DROP_PER_ROUND, len(residual) - count)
-        if drop <= 0:
-            return residual
-        evens, odds = residual[0::2], residual[1::2]
-        redundancy = (unit[evens] @ unit[odds].T).max(dim=1).values
-        survivors = redundancy.argsort(descending=True, stable=True)[drop:]
-        residual = torch.cat([evens[survivors], odds])
+def remove_duplicates(unit: torch.Tensor, residual: torch.Tensor, lengths: list[int], counts: list[int]
+                      ) -> torch.Tensor:
+    """VisPruner's diverse tokens for G images at once: from each row of `residual` [G, R] (patch indices, ranked;
+    the first lengths[g] real) keep counts[g], dropping per round up to DROP_PER_ROUND even-position entries
+    whose best cosine to an odd-position entry is highest. `unit` [G, n, C] holds the normalised features.
+    Rounds run for the longest image; an image that is done keeps its list. Returns [G, R] lists whose first
+    counts[g] entries are the kept ones (their order carries no meaning)."""
+    rounds = max((-(-(length - count) // DROP_PER_ROUND) for length, count in zip(lengths, counts, strict=True)),
+                 default=0)
+    if rounds <= 0:
+        return residual
+    width, device = residual.shape[1], residual.device
+    evens_w, odds_w = (width + 1) // 2, width // 2
+    # per round r and image: its list length max(L - 8 r, count), the entries it drops (0: done), where its
+    # surviving evens end, and which even / odd positions of the list are past its end
+    start, count = device_ints(lengths + counts, device).view(2, 1, -1, 1)
+    shrunk = torch.arange(0, DROP_PER_ROUND * rounds, DROP_PER_ROUND, device=device)[:, None, None]
+    length = torch.maximum(start - shrunk, count)
+    drop = (length - count).clamp(min=0, max=DROP_PER_ROUND)
+    half = (length + 1) // 2
+    active = drop > 0
+    split = torch.where(active, half - drop, 0)
+    column = torch.arange(width, device=device)
+    even_past = column[:evens_w] >= half  # [rounds, G, evens_w]
+    odd_past = column[:odds_w] >= length // 2
+    from_even = column < split
+    # a surviving even entry comes from the ranked evens past the dropped ones; then the odds in order (an image
+    # that is done: split 0, and its "odd" source is the identity)
+    even_at = (column + drop).clamp(max=max(evens_w - 1, 0))
+    source = torch.where(active, 2 * (column - split) + 1, column).clamp(min=0, max=width - 1)
+    for r in range(rounds):
+        rows = gather_rows(unit, residual)
+        similarity = rows[:, 0::2] @ rows[:, 1::2].transpose(1, 2)  # evens x odds
+        redundancy = similarity.masked_fill(odd_past[r][:, None], float("-inf")).max(dim=2).values
+        ranked = redundancy.masked_fill(even_past[r], float("-inf")).argsort(dim=1, descending=True, stable=True)
+        survivors = residual[:, 0::2].gather(1, ranked.gather(1, even_at[r]))
+        residual = torch.where(from_even[r], survivors, residual.gather(1, source[r]))
+    return residual
 
 
 class VisPruner(PruningMethod):
@@ -116,26 +143,49 @@ class VisPruner(PruningMethod):
         return (-2, -1)
 
     def select(self, ctx: StageContext, b: int, k: int) -> torch.Tensor:
-        layer = ctx.vision_layers[-2]
-        official = ctx.protocol == "official"
-        images = per_image(ctx, b, -2)
-        features = [x for _, x in per_image(ctx, b, -1)]
-        kept = []
-        for (offset, x), feats, count in zip(images, features, split_budget(k, len(images)), strict=True):
-            if count > 0:
-                dtype = x.dtype if official else torch.float32  # official: the tower's own precision
-                kept.append(offset + self._one_image(layer, x, feats[1:].to(dtype), count, dtype, official))
-        return torch.cat(kept).to(ctx.hidden.device)
+        """Sample b alone (the batch's rule with every other sample left uncut)."""
+        chosen = self.select_batch(ctx, [k if i == b else None for i in range(len(ctx.n_current))])
+        return chosen.order[b, : chosen.counts[b]]
 
-    def _one_image(self, layer: torch.nn.Module, x: torch.Tensor, features: torch.Tensor, k: int,
-                   dtype: torch.dtype, official: bool) -> torch.Tensor:
-        """One image's k kept patch indices (important first, then diverse; the engine sorts them)."""
-        ranked = cls_attention(layer, x, dtype).argsort(descending=True, stable=True)
-        important = important_count(k, self.options.important_ratio)
-        diverse = k - important
-        if diverse == 0:
-            return ranked[:important]
-        if official and (len(ranked) - important) % 2 and len(ranked) - important > diverse:
+    def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
+        """Every image of the batch at once, each keeping its own split of its sample's budget."""
+        official = ctx.protocol == "official"
+        grid = image_grid(ctx, budgets, (-2, -1))
+        x, features = grid.inputs
+        n, device = grid.patches, ctx.hidden.device  # device_map: the tower may sit elsewhere
+        dtype = x.dtype if official else torch.float32  # official: the tower's own precision
+        score = cls_attention_per_head(ctx.vision_layers[-2], x, dtype)[0].mean(dim=1).to(device)
+        ranked = score.argsort(dim=1, descending=True, stable=True)
+        important = [important_count(k, self.options.important_ratio) for k in grid.budgets]
+        diverse = [k - i for k, i in zip(grid.budgets, important, strict=True)]
+        lengths = [n - i if d else 0 for i, d in zip(important, diverse, strict=True)]
+        if official and any(r % 2 and r > d for r, d in zip(lengths, diverse, strict=True)):
             announce_odd_residual()
+        features = features[:, 1:].to(device, dtype)
         unit = features / features.norm(dim=-1, keepdim=True)
-        return torch.cat([ranked[:important], remove_duplicates(unit, ranked[important:], diverse)])
+        first, diverse_n = device_ints(important + diverse, device).view(2, -1, 1)
+        least, most, widest = min(important), max(important), max(diverse)
+        even = len(set(zip(important, diverse, strict=True))) == 1  # every image splits its budget alike
+        if even:
+            residual = ranked[:, least:]
+        else:
+            residual = ranked.gather(1, (torch.arange(n - least, device=device) + first).clamp(max=n - 1))
+        residual = remove_duplicates(unit, residual, lengths, diverse)
+        # each image's kept patches, ranked[:important] then residual[:diverse], marked in its row; an image's
+        # rows side by side are its sample's visual tokens
+        kept = [ranked[:, :most], residual[:, :widest]]
+        if not even:
+            column = torch.arange(max(most, widest), device=device)
+            kept = [torch.where(column[:most] < first, kept[0], n),
+                    torch.where(column[:widest] < diverse_n, kept[1], n)]
+        chosen = torch.zeros(len(grid.budgets), n + 1, dtype=torch.bool, device=device)
+        chosen = chosen.scatter_(1, torch.cat(kept, dim=1), True)[:, :n].reshape(len(budgets), -1)
+        width = ctx.visual_slots.shape[1]
+        if any(k is None for k in budgets):
+            whole = device_ints([int(k is None) for k in budgets], device).bool()[:, None]
+            chosen |= whole & ctx.visual_valid
+        counts = [n_b if k is None else k for k, n_b in zip(budgets, ctx.n_current, strict=True)]
+        order = positions_of(chosen, max(counts))  # ascending: the kept patches in their own order
+        if len(set(counts)) > 1:  # a row with fewer takes the filler
+            order = torch.where(chosen.gather(1, order), order, width)
+        return BatchSelection(order, counts, width, None, [0] * len(budgets))
