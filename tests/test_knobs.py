@@ -221,6 +221,13 @@ def test_downsample_refuses_layers_on_families_it_resizes():
     assert "layers.prune_layers=[5] has no effect" in message and "before the vision tower" in message
 
 
+def test_official_dart_refuses_a_second_cut():
+    """The official code cuts once; two stages used to crash in the planner (a zip of 2 layers with 1 count)."""
+    message = _refused(["model=tiny_qwen2vl", "prune=dart", "protocol=official", "layers.prune_layers=[2,4]"])
+    assert "layers.prune_layers=[2, 4] has 2" in message and "protocol=uniform" in message
+    validate_run(compose_config(["model=tiny_qwen2vl", "prune=dart", "protocol=uniform", "layers.prune_layers=[2,4]"]))
+
+
 def test_prumerge_adaptive_flags_every_sample_and_says_keep_sets_no_count(tiny_llava, caplog):
     kept = []
     for keep in (0.5, 0.1):

@@ -44,6 +44,13 @@ class DART(PruningMethod):
     def default_layers(self, facts: ModelFacts) -> Layers:
         return Layers(0, (2,) if facts.num_layers > 2 else (1,))
 
+    def check_budget(self, keep: float, budget: str, layers: Layers, facts: ModelFacts, official: bool) -> None:
+        """The official rule is one cut (before layer K); `uniform` plans several."""
+        if official and len(layers.prune_layers) > 1:
+            raise ConfigError(f"prune=dart protocol=official cuts once (the official code prunes before one layer K), "
+                              f"but layers.prune_layers={list(layers.prune_layers)} has {len(layers.prune_layers)}; "
+                              "give one layer, or protocol=uniform for several stages")
+
     def official_counts(self, n_visual: int, keep: float, budget: str, layers: Layers,
                         facts: ModelFacts) -> list[int]:
         """4 + 8 * (M // 8) kept tokens: M is the budget (final: keep * N; average: the planner's count)."""
