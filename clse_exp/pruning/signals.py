@@ -209,14 +209,12 @@ class StageContext:
                          capture.sin[b : b + 1])
         return self._attend(layer, single, rows)[0][:, self._in_capture(capture, b, None)]
 
-    def keys(self, b: int, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Post-RoPE keys of layer K-1, heads concatenated, at `positions` (default: the visual tokens)."""
-        layer = self.layer - 1
-        capture = self._capture(layer)
-        if ("keys", layer) not in self._cache:
-            keys = post_rope_keys(self.layers[layer], capture.hidden, capture.cos, capture.sin)
-            self._cache[("keys", layer)] = keys.transpose(1, 2).flatten(2)  # [B, L, kv_heads * head_dim]
-        return self._cache[("keys", layer)][b, self._in_capture(capture, b, positions)]
+    def keys_batch(self) -> torch.Tensor:
+        """[B, L, kv_heads * head_dim] post-RoPE keys of layer K-1, heads concatenated, at every current slot."""
+        capture, keys = self._capture(self.layer - 1), self._captured_keys()
+        if capture.slots is self.slots:
+            return keys
+        return gather_rows(keys, capture.slots.lookup_all(self.slots.idx).clamp(min=0))
 
     # ------------------------------------------------------------------------------ internals
     def _capture(self, layer: int) -> Capture:
@@ -226,6 +224,15 @@ class StageContext:
             raise RuntimeError(f"layer {layer}'s input was not captured for the stage at layer {self.layer}; "
                                "the method must list it in capture_layers()")
         return self.captures[layer]
+
+    def _captured_keys(self) -> torch.Tensor:
+        """[B, L_capture, kv_heads * head_dim] post-RoPE keys of layer K-1 at its captured slots (cached)."""
+        layer = self.layer - 1
+        if ("keys", layer) not in self._cache:
+            capture = self._capture(layer)
+            keys = post_rope_keys(self.layers[layer], capture.hidden, capture.cos, capture.sin)
+            self._cache[("keys", layer)] = keys.transpose(1, 2).flatten(2)
+        return self._cache[("keys", layer)]
 
     def _in_capture(self, capture: Capture, b: int, positions: torch.Tensor | None) -> torch.Tensor:
         """Slot positions in `capture` of the current tokens at `positions` (default: visual)."""

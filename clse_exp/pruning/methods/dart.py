@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from clse_exp.errors import ConfigError
-from clse_exp.pruning.attention import post_rope_keys
 from clse_exp.pruning.methods.base import BatchSelection, Layers, MethodOptions, ModelFacts, PruningMethod
 from clse_exp.pruning.schedule import plan_stages
 from clse_exp.pruning.signals import StageContext
@@ -214,21 +213,14 @@ class DART(PruningMethod):
         return after.sum(1).tolist()
 
     def _key_norms(self, ctx: StageContext, official: bool) -> torch.Tensor:
-        """[B, L] L1 norm of layer K-1's post-RoPE keys (heads concatenated) at every current slot, cached as
-        `StageContext.keys` caches them. Official: after the GQA head repeat (every kv head counted H / H_kv
-        times), in the keys' dtype; uniform: float32, each kv head once."""
-        layer = ctx.layer - 1
-        capture = ctx._capture(layer)
-        keys = ctx._cache.get(("keys", layer))
-        if keys is None:
-            keys = post_rope_keys(ctx.layers[layer], capture.hidden, capture.cos, capture.sin).transpose(1, 2)
-            keys = ctx._cache[("keys", layer)] = keys.flatten(2)  # [B, L, kv_heads * head_dim]
+        """[B, L] L1 norm of layer K-1's post-RoPE keys (heads concatenated) at every current slot. Official:
+        after the GQA head repeat (every kv head counted H / H_kv times), in the keys' dtype; uniform: float32,
+        each kv head once."""
+        keys = ctx.keys_batch()
         if official:
-            attn = ctx.layers[layer].self_attn
+            attn = ctx.layers[ctx.layer - 1].self_attn
             keys = keys.view(*keys.shape[:2], -1, attn.head_dim).repeat_interleave(attn.num_key_value_groups, dim=2)
             norms = keys.flatten(2).norm(p=1, dim=-1)
         else:
             norms = keys.float().abs().sum(-1)
-        if capture.slots is ctx.slots:
-            return norms
-        return norms.gather(1, capture.slots.lookup_all(ctx.slots.idx).clamp(min=0))
+        return norms
