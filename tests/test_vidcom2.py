@@ -107,6 +107,17 @@ def test_batch_matches_batch_of_one_on_qwen():
     batch_matches_alone(model("tiny_qwen2_5vl"), batch, make_pruner("vidcom2", model="tiny_qwen2_5vl", keep=0.3))
 
 
+@pytest.mark.parametrize("protocol", ["official", "uniform"])
+def test_clips_of_one_shape_scored_together_keep_what_they_keep_alone(protocol):
+    """The batch's clips are grouped by shape (and uniform share) and scored at once: two same-shape videos, a
+    shorter one, and a prompt holding an image beside a video (two clips of different shapes)."""
+    mixed = Sample("mixed", "What changes?", "", [noise_image(5, 84)], video=[noise_image(30 + i, 112)
+                                                                             for i in range(4)])
+    batch = [video(8, 112, 50), video(8, 112, 90), video(4, 96, 70), mixed]
+    name = "tiny_qwen2vl"
+    batch_matches_alone(model(name), batch, make_pruner("vidcom2", model=name, keep=0.3, protocol=protocol))
+
+
 def test_cached_decode_matches_recomputation():
     loaded = model(OV)
     pruner = make_pruner("vidcom2", model=OV, keep=0.3)

@@ -10,6 +10,7 @@ from torch import nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 from clse_exp.compat import vision_window_index
+from clse_exp.efficiency.counts import host_side, upload
 from clse_exp.efficiency.flops import qwen2vl_vision_flops
 from clse_exp.models.base import EncoderRows, ModelAdapter, VisualSegment, runs_of
 
@@ -39,20 +40,29 @@ class Qwen2VLAdapter(ModelAdapter):
         rotary and attention blocks the layer got and the visual token each row merges into. Qwen2.5-VL
         permutes merge units into windows before its blocks; the tower's window index undoes that."""
         visual = model.model.visual
-        grids = tower_kwargs["grid_thw"]
         unit = visual.spatial_merge_size**2
         cos, sin = layer_kwargs["position_embeddings"]
         bounds = layer_kwargs["cu_seqlens"].tolist()
-        order = vision_window_index(visual, grids) if hasattr(visual, "window_size") else None
-        items, row, token = [], 0, 0
-        for t, h, w in grids.tolist():
-            rows, tokens = t * h * w, t * h * w // unit
-            unit_token = torch.arange(tokens) if order is None else order[token : token + tokens].cpu() - token
+        grids = tower_kwargs["grid_thw"].tolist()
+        with host_side():  # the row -> token maps are host arithmetic on the grids: built here, uploaded once
+            host_grids = torch.tensor(grids)
+            order = vision_window_index(visual, host_grids) if hasattr(visual, "window_size") else None
+            maps, token = [], 0
+            for t, h, w in grids:
+                tokens = t * h * w // unit
+                unit_token = torch.arange(tokens) if order is None else order[token : token + tokens] - token
+                maps.append(unit_token.repeat_interleave(unit))
+                token += tokens
+            joined = torch.cat(maps) if maps else torch.zeros(0, dtype=torch.long)
+        row_tokens = upload(joined, hidden.device).split([len(m) for m in maps])
+        items, row = [], 0
+        for (t, h, w), row_token in zip(grids, row_tokens, strict=True):
+            rows = t * h * w
             inside = [b for b in bounds if row <= b <= row + rows]
             blocks = [end - begin for begin, end in itertools.pairwise(inside)]
             items.append(EncoderRows(hidden[row : row + rows].detach(), cos[row : row + rows], sin[row : row + rows],
-                                     blocks, unit_token.repeat_interleave(unit).to(hidden.device)))
-            row, token = row + rows, token + tokens
+                                     blocks, row_token))
+            row += rows
         return items
 
     @staticmethod

@@ -42,7 +42,8 @@ Here (protocol=official): TTM at layer 0 through Selection(order) in the officia
   next sample's first step (DC:llava_qwen.py:32-38 is built once); here every prompt's first step prunes.
 - Batches: the official code reads sample 0 only (:98); here each sample has its own selection. Several videos
   in one prompt: each video gets its own TTM with its share of the budget; the decode span is every visual
-  token of the prompt but the last.
+  token of the prompt but the last. The TTM runs once per distinct clip plan of the batch (clips of one size
+  and per-frame counts, whatever their sample), so its kernels do not grow with the batch.
 `uniform`: exactly round(keep * N) visual tokens at their ORIGINAL positions: frames t % 4 == 0 stay whole,
 odd frames are compared with t - 1 and frames t % 4 == 2 with t - 2 (the official pattern, the last group
 included), the rest of the budget is shared evenly over those frames (earlier frames take the remainder), each
@@ -77,9 +78,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from clse_exp.errors import ConfigError
-from clse_exp.pruning.methods.base import Layers, MethodOptions, ModelFacts, PruningMethod, Rules, Selection
+from clse_exp.pruning.methods.base import (
+    BatchSelection,
+    Layers,
+    MethodOptions,
+    ModelFacts,
+    PruningMethod,
+    Rules,
+    Selection,
+)
 from clse_exp.pruning.methods.divprune import pre_llm_rules
 from clse_exp.pruning.methods.vidcom2 import clips_of
+from clse_exp.pruning.ragged import assemble, device_ints, windows
 from clse_exp.pruning.signals import StageContext
 
 FAMILIES = ("llava_onevision",)  # the official code's family
@@ -110,22 +120,31 @@ def official_per_frame(n: int, per_frame: int, k: int) -> int:
 
 
 def official_ttm(features: torch.Tensor, per_frame: int, keep: int) -> torch.Tensor:
-    """Indices into `features` [N, C] the official TTM feeds, in its order: frame after frame, a pruned frame's
-    kept tokens by ascending cosine to its reference frame (torch.topk(largest=False))."""
-    frames = features.shape[0] // per_frame
-    frame = [torch.arange(t * per_frame, (t + 1) * per_frame, device=features.device) for t in range(frames)]
-    unit = F.normalize(features, p=2, dim=1)
-
-    pieces: list[torch.Tensor] = []
-    for i in range(0, frames - 1, 2):
-        similarity = F.cosine_similarity(unit[frame[i]], unit[frame[i + 1]], dim=1)
-        pieces += [frame[i], frame[i + 1][similarity.topk(keep, largest=False).indices]]
+    """[G, n] indices into each clip of `features` [G, N, C] that the official TTM feeds, in its order: frame after
+    frame, a pruned frame's kept tokens by ascending cosine to its reference frame (torch.topk(largest=False)).
+    Every clip of the group shares the plan, so each stage is one batched similarity and one top-k."""
+    groups, frames = features.shape[0], features.shape[1] // per_frame
+    pairs, device = frames // 2, features.device
     if frames <= 4:
         announce_short_video()
-    for i in range(0, frames - 4, 4):
-        similarity = F.cosine_similarity(features[frame[i]], features[frame[i + 2]], dim=1)
-        pieces[i + 2] = frame[i + 2][similarity.topk(keep, largest=False).indices]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=features.device)
+    if pairs == 0:
+        return torch.zeros(groups, 0, dtype=torch.long, device=device)
+    x = features[:, : 2 * pairs * per_frame].view(groups, 2 * pairs, per_frame, -1)
+    unit = F.normalize(x, p=2, dim=-1)
+    step = 2 * per_frame  # index distance between consecutive pairs' frames
+    whole = torch.arange(2 * pairs * per_frame, device=device).view(2 * pairs, per_frame)
+    similarity = F.cosine_similarity(unit[:, 0::2], unit[:, 1::2], dim=-1)  # [G, pairs, T]: frame i + 1 vs i
+    odd = similarity.topk(keep, largest=False).indices
+    odd = odd + torch.arange(per_frame, 2 * pairs * per_frame, step, device=device)[:, None]
+    pieces = [piece for i in range(pairs) for piece in (whole[2 * i].expand(groups, -1), odd[:, i])]
+    second = len(range(0, frames - 4, 4))  # frame i + 2 vs frame i, i = 0, 4, ... < frames - 4
+    if second:
+        similarity = F.cosine_similarity(x[:, 0 : 4 * second : 4], x[:, 2 : 4 * second + 2 : 4], dim=-1)
+        two = similarity.topk(keep, largest=False).indices
+        two = two + torch.arange(step, (4 * second + 2) * per_frame, 2 * step, device=device)[:, None]
+        for j in range(second):
+            pieces[4 * j + 2] = two[:, j]
+    return torch.cat(pieces, dim=1)
 
 
 def uniform_reference(t: int) -> int | None:
@@ -134,30 +153,33 @@ def uniform_reference(t: int) -> int | None:
 
 
 def uniform_ttm(features: torch.Tensor, frames: int, k: int) -> torch.Tensor:
-    """Exactly k indices into a video's [F * T, C] tokens, ascending. Frames t % 4 == 0 stay whole and the rest of
-    k is shared evenly over the other frames (earlier frames take the remainder); below the whole frames' total, k
-    is shared over the whole frames instead (compared with frame t - 4, frame 0 with frame 1). A frame keeps its
-    tokens least similar to the same position in its reference frame."""
-    per_frame = features.shape[0] // frames
-    unit = F.normalize(features.float(), dim=1).view(frames, per_frame, -1)
+    """[G, k] indices into each clip of `features` [G, F * T, C], ascending. Frames t % 4 == 0 stay whole and the
+    rest of k is shared evenly over the other frames (earlier frames take the remainder); below the whole frames'
+    total, k is shared over the whole frames instead (compared with frame t - 4, frame 0 with frame 1). A frame
+    keeps its tokens least similar to the same position in its reference frame (one batched stable argsort)."""
+    groups, device = features.shape[0], features.device
+    per_frame = features.shape[1] // frames
+    unit = F.normalize(features.float(), dim=-1).view(groups, frames, per_frame, -1)
     whole = [t for t in range(frames) if uniform_reference(t) is None]
     if k >= len(whole) * per_frame:
         shared = [t for t in range(frames) if t not in whole]
-        spare, reference = k - len(whole) * per_frame, uniform_reference
+        references, spare = [uniform_reference(t) for t in shared], k - len(whole) * per_frame
     else:
         shared, spare = whole, k
-        reference = lambda t: t - 4 if t else 1  # noqa: E731
-    kept = []
+        references = [t - 4 if t else 1 for t in shared]
+    count = len(shared)  # at least one: every clip has two frames or more
+    ints = device_ints(shared + references + [t * per_frame for t in shared], device)  # frames, first tokens
+    similarity = (unit.index_select(1, ints[:count]) * unit.index_select(1, ints[count : 2 * count])).sum(-1)
+    order = similarity.argsort(dim=-1, stable=True) + ints[2 * count :, None]  # [G, shared, T]
+    base = torch.arange(frames * per_frame, device=device).view(frames, per_frame)
+    pieces = []
     for t in range(frames):
-        if t not in shared:
-            kept.append(torch.arange(per_frame, device=features.device) + t * per_frame if t in whole else
-                        torch.arange(0, device=features.device))
-            continue
-        j = shared.index(t)
-        count = spare // len(shared) + (1 if j < spare % len(shared) else 0)
-        similarity = (unit[t] * unit[reference(t)]).sum(-1)
-        kept.append(similarity.argsort(stable=True)[:count] + t * per_frame)
-    return torch.cat(kept).sort().values
+        if t in shared:
+            j = shared.index(t)
+            pieces.append(order[:, j, : spare // count + (1 if j < spare % count else 0)])
+        elif t in whole:
+            pieces.append(base[t].expand(groups, -1))
+    return torch.cat(pieces, dim=1).sort(dim=1).values
 
 
 def proportional(k: int, sizes: list[int]) -> list[int]:
@@ -248,26 +270,61 @@ class DyCoke(PruningMethod):
 
     # ------------------------------------------------------------------------------- stage 1: TTM
     def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        clips = clips_of(ctx.grids(b), ctx.family)  # (frames, tokens per frame, offset); frames: temporal steps
-        if any(frames < 2 for frames, _, _ in clips):
-            raise ConfigError("prune=dycoke merges tokens across video frames; this prompt holds an image (or a "
-                              "one-frame video)")
-        features = ctx.hidden_states(b)
-        sizes = [frames * tokens for frames, tokens, _ in clips]
+        """Sample b's TTM order: its row of `select_batch` with only sample b cut."""
+        budgets: list[int | None] = [None] * ctx.hidden.shape[0]
+        budgets[b] = k
+        choice = self.select_batch(ctx, budgets)
+        return Selection(choice.order[b, : choice.counts[b]])
+
+    def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
+        """Every clip of every cut sample at once: clips whose host plan matches (size, frame shape and per-frame
+        counts) are gathered into one [G, N, C] window tensor and run through one TTM; each sample's order is its
+        clips' rows plus their offsets, joined in one kernel. Kernels grow with the distinct plans, not the batch.
+        A sample not cut (budget None) keeps its tokens in order."""
+        width = ctx.visual_slots.shape[1]
+        device = ctx.hidden.device
         official = ctx.protocol == "official"
-        order, offset = [], 0
-        for (frames, tokens, _), size, share in zip(clips, sizes, proportional(k, sizes), strict=True):
-            x = features[offset : offset + size]
+        plans: dict[tuple, list[tuple[int, int, int]]] = {}  # plan -> (sample, clip, first token) of its clips
+        clips_per_sample: dict[int, int] = {}
+        for b, k in enumerate(budgets):
+            if k is None:
+                continue
+            clips = clips_of(ctx.grids(b), ctx.family)  # (frames, tokens per frame, offset); frames: temporal steps
+            if any(frames < 2 for frames, _, _ in clips):
+                raise ConfigError("prune=dycoke merges tokens across video frames; this prompt holds an image (or a "
+                                  "one-frame video)")
+            sizes = [frames * tokens for frames, tokens, _ in clips]
+            clips_per_sample[b] = len(clips)
+            for c, ((frames, tokens, offset), share) in enumerate(zip(clips, proportional(k, sizes), strict=True)):
+                plans.setdefault(self._plan(official, frames, tokens, share), []).append((b, c, offset))
+        if not plans:
+            return BatchSelection(ctx.visual_slots[:, :0], list(ctx.n_current), width)
+        features = ctx.visual_hidden()  # [B, N_max, C] every sample's visual tokens
+        pieces: dict[tuple[int, int], torch.Tensor] = {}
+        for plan, units in plans.items():
+            x = windows(features, [(b, offset) for b, _, offset in units], plan[1])
             if official:
-                per_frame = self.options.tokens_per_frame or tokens
-                ratio = self.options.merge_ratio
-                m = official_per_frame(size, per_frame, share) if ratio is None else int((1 - ratio) * per_frame)
-                picks = official_ttm(x, per_frame, min(m, per_frame))
+                picks = official_ttm(x, plan[2], plan[3])
             else:
-                picks = uniform_ttm(x, frames, share)
-            order.append(picks + offset)
-            offset += size
-        return Selection(torch.cat(order))
+                picks = uniform_ttm(x, plan[2], plan[3])
+            picks = picks + device_ints([offset for _, _, offset in units], device)[:, None]
+            pieces.update({(b, c): picks[g] for g, (b, c, _) in enumerate(units)})
+        everything = torch.arange(width, device=device) if None in budgets else None
+        rows = [[everything[:n]] if k is None else [pieces[b, c] for c in range(clips_per_sample[b])]
+                for b, (k, n) in enumerate(zip(budgets, ctx.n_current, strict=True))]
+        counts = [sum(len(piece) for piece in row) for row in rows]
+        return BatchSelection(assemble(rows, max(counts), width), counts, width)
+
+    def _plan(self, official: bool, frames: int, tokens: int, share: int) -> tuple:
+        """What a clip's TTM depends on besides its tokens: (protocol, size, frames or tokens per frame, kept per
+        pruned frame or the clip's share); clips with equal plans run as one group."""
+        size = frames * tokens
+        if not official:
+            return ("uniform", size, frames, share)
+        per_frame = self.options.tokens_per_frame or tokens
+        ratio = self.options.merge_ratio
+        m = official_per_frame(size, per_frame, share) if ratio is None else int((1 - ratio) * per_frame)
+        return ("official", size, per_frame, min(m, per_frame))
 
     # --------------------------------------------------------------------------- stage 2: decode
     def decode_layer(self) -> int | None:

@@ -52,7 +52,8 @@ Departures (documented, not silent):
 - LLaVA-OneVision's P: the video's own pooled grid (3 x 3 on the tiny model), the official constant 196 on the 7B.
 - Ties in the per-frame ranking resolve to the lower index (stable sort); the official topk is unordered.
 - The official count needs one host read per batch (the kept total of every sample, after all the scoring);
-  `uniform` reads nothing back.
+  `uniform` reads nothing back. The batch's clips of one shape (and, under `uniform`, one share of the budget)
+  are scored as one tensor, so the work grows with the number of clip shapes in a batch, not with its size.
 Other families (LLaVA-1.5, Video-LLaVA, InternVL: no official port) are refused before any weights load; the
 official LLaVA-Video path (grid newlines, vidcom2.py:9, 93-96, 105-115) has no family in the engine.
 """
@@ -75,6 +76,7 @@ from clse_exp.pruning.methods.base import (
     Selection,
 )
 from clse_exp.pruning.methods.divprune import pre_llm_rules
+from clse_exp.pruning.ragged import assemble, windows
 from clse_exp.pruning.signals import StageContext
 
 FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the official ports (VC:README.md table)
@@ -83,10 +85,13 @@ MAX_SCALE = 1.0  # a frame keeps at most all its tokens (VC:vidcom2.py:68)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
+# Every function takes a leading group dimension [G, ...]: the batch's clips of one shape are scored together.
 def low_variance_channels(x: torch.Tensor, ratio: float) -> torch.Tensor:
-    """[N, c]: the int(C * ratio) channels of x [N, C] with the lowest biased variance over tokens, in topk order."""
-    variance = x.var(dim=0, unbiased=False)
-    return x[:, variance.topk(int(x.shape[-1] * ratio), largest=False).indices]
+    """[G, N, c]: per clip, the int(C * ratio) channels of x [G, N, C] with the lowest biased variance over its
+    tokens, in topk order."""
+    variance = x.var(dim=1, unbiased=False)
+    picked = variance.topk(int(x.shape[-1] * ratio), dim=-1, largest=False).indices
+    return x.gather(2, picked[:, None, :].expand(-1, x.shape[1], -1))
 
 
 def kernel_similarity(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
@@ -99,44 +104,45 @@ def kernel_similarity(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
 
 
 def clip_scores(features: torch.Tensor, frames: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(video similarity, frame similarity), each [F, P], of a clip's tokens [F * P, C]: L2-normalised
+    """(video similarity, frame similarity), each [G, F, P], of clips' tokens [G, F * P, C]: L2-normalised
     low-variance channels compared with the clip's mean token and with their frame's mean token."""
     selected = low_variance_channels(features, ratio)
-    unit = F.normalize(selected.reshape(frames, -1, selected.shape[-1]), dim=-1)
-    video = kernel_similarity(unit, unit.mean(dim=(0, 1), keepdim=True))
-    frame = kernel_similarity(unit, unit.mean(dim=1, keepdim=True))
+    unit = F.normalize(selected.reshape(len(selected), frames, -1, selected.shape[-1]), dim=-1)
+    video = kernel_similarity(unit, unit.mean(dim=(1, 2), keepdim=True))
+    frame = kernel_similarity(unit, unit.mean(dim=2, keepdim=True))
     return video, frame
 
 
 def frame_weights(video: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[F] 1 + p_f - mean(p): p is the softmax over frames of their uniqueness (-mean video similarity) at
-    `temperature`; the official scale is keep times this, clamped at 1."""
+    """[G, F] 1 + p_f - mean(p): p is the softmax over a clip's frames of their uniqueness (-mean video
+    similarity) at `temperature`; the official scale is keep times this, clamped at 1."""
     uniqueness = -video.mean(dim=-1)
-    probs = torch.softmax((uniqueness - uniqueness.max()) / temperature, dim=0)
-    return 1 + probs - probs.mean()
+    probs = torch.softmax((uniqueness - uniqueness.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
+    return 1 + probs - probs.mean(dim=-1, keepdim=True)
 
 
 def official_frame_counts(weights: torch.Tensor, keep: float, per_frame: int) -> torch.Tensor:
-    """[F] long: round(min(keep * w_f, 1) * P), at least 1, on the device (half to even, as torch.round)."""
+    """[..., F] long: round(min(keep * w_f, 1) * P), at least 1, on the device (half to even, as torch.round)."""
     scale = (keep * weights).clamp(max=MAX_SCALE)
     return (scale * per_frame).round().long().clamp(min=1)
 
 
 def within_frame_rank(outlier: torch.Tensor) -> torch.Tensor:
-    """[F, P] long: each token's rank in its frame by ascending outlier score (0 = most distinct; ties to the
+    """[..., F, P] long: each token's rank in its frame by ascending outlier score (0 = most distinct; ties to the
     lower index)."""
-    order = outlier.argsort(dim=1, stable=True)
+    order = outlier.argsort(dim=-1, stable=True)
     ranks = torch.empty_like(order)
-    return ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
 
 
 def webster_mask(rank: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
-    """[F, P] bool: exactly k tokens, apportioned to frames in proportion to `weights` by Webster's method (the k
-    smallest (rank + 1/2) / w_f; ties to the earlier frame), each frame's own lowest ranks first."""
-    priority = (rank.double() + 0.5) / weights.double()[:, None]
-    picked = priority.flatten().argsort(stable=True)[:k]
-    mask = torch.zeros(priority.numel(), dtype=torch.bool, device=rank.device)
-    return mask.index_fill_(0, picked, True).view_as(rank)
+    """[..., F, P] bool: per clip exactly k tokens, apportioned to frames in proportion to `weights` [..., F] by
+    Webster's method (the k smallest (rank + 1/2) / w_f; ties to the earlier frame), each frame's own lowest ranks
+    first."""
+    priority = ((rank.double() + 0.5) / weights.double()[..., None]).flatten(-2)
+    picked = priority.argsort(dim=-1, stable=True)[..., :k]
+    mask = torch.zeros_like(priority, dtype=torch.bool)
+    return mask.scatter_(-1, picked, True).view_as(rank)
 
 
 def shares(k: int, sizes: list[int]) -> list[int]:
@@ -214,48 +220,53 @@ class VidCom2(PruningMethod):
         return set()
 
     # ------------------------------------------------------------------------------ selection
-    def keep_mask(self, ctx: StageContext, b: int, k: int, features: torch.Tensor | None = None) -> torch.Tensor:
-        """[n_b] bool over sample b's visual tokens: the official per-frame counts (`official`) or exactly k
-        (`uniform`), every clip scored on its own. Device ops only."""
+    def keep_masks(self, ctx: StageContext, budgets: list[int | None]) -> torch.Tensor:
+        """[B, width] bool over each sample's visual tokens: the official per-frame counts (`official`) or exactly
+        budgets[b] (`uniform`; None keeps them all), every clip scored on its own. The batch's clips of one shape
+        (and, under `uniform`, one share of the budget) are scored together, so the kernels grow with the number
+        of clip shapes, not with the batch; nothing is read back."""
         official = ctx.protocol == "official"
-        x = ctx.hidden_states(b) if features is None else features
+        features = ctx.visual_hidden()
         if not official:
-            x = x.float()
-        clips = clips_of(ctx.grids(b), ctx.family)
-        budgets = shares(k, [t * p for t, p, _ in clips])
-        masks = []
-        for (frames, per_frame, offset), share in zip(clips, budgets, strict=True):
-            clip = x[offset : offset + frames * per_frame]
-            video, frame = clip_scores(clip, frames, self.options.channel_ratio)
+            features = features.float()
+        groups: dict[tuple[int, int, int | None], list[tuple[int, int]]] = {}  # clip plan -> (sample, offset)
+        units: list[list[tuple[tuple[int, int, int | None], int]]] = []  # per sample: (plan, index in its group)
+        for b, k in enumerate(budgets):
+            units.append([])
+            if k is None:
+                continue
+            clips = clips_of(ctx.grids(b), ctx.family)
+            for (frames, per_frame, offset), share in zip(clips, shares(k, [t * p for t, p, _ in clips]), strict=True):
+                plan = (frames, per_frame, None if official else share)
+                members = groups.setdefault(plan, [])
+                units[b].append((plan, len(members)))
+                members.append((b, offset))
+        masks = {}
+        for plan, places in groups.items():
+            frames, per_frame, share = plan
+            video, frame = clip_scores(windows(features, places, frames * per_frame), frames,
+                                       self.options.channel_ratio)
             weights = frame_weights(video, self.options.temperature)
             rank = within_frame_rank(video + frame)
             if official:
-                masks.append(rank < official_frame_counts(weights, self.ratio, per_frame)[:, None])
+                mask = rank < official_frame_counts(weights, self.ratio, per_frame)[..., None]
             else:
-                masks.append(webster_mask(rank, weights, share))
-        return torch.cat([m.flatten() for m in masks])
+                mask = webster_mask(rank, weights, share)
+            masks[plan] = mask.flatten(1)
+        valid = ctx.visual_valid
+        rows = [[valid[b]] if k is None else [masks[plan][i] for plan, i in units[b]] for b, k in enumerate(budgets)]
+        return assemble(rows, valid.shape[1], False)
 
     def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        """One sample's kept tokens in original order (the engine asks select_batch; this per-sample form reads
-        the official count back)."""
-        mask = self.keep_mask(ctx, b, k)
-        count = k if ctx.protocol != "official" else int(mask.sum())
-        key = torch.where(mask, torch.arange(len(mask), device=mask.device), len(mask))
-        return Selection(key.sort().values[:count])
+        """One sample's kept tokens in original order (row b of the batched choice)."""
+        choice = self.select_batch(ctx, [k if i == b else None for i in range(len(ctx.n_current))])
+        return Selection(choice.order[b, : choice.counts[b]])
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
         """Every sample's mask on the device, the kept positions by one sort; the official counts are read back
         once for the batch (uniform: they are the budgets)."""
-        width = ctx.visual_slots.shape[1]
-        features = ctx.visual_hidden()
-        valid = ctx.visual_valid
-        rows = []
-        for b, k in enumerate(budgets):
-            n = ctx.n_current[b]
-            mask = valid[b].clone() if k is None else F.pad(self.keep_mask(ctx, b, k, features[b, :n]),
-                                                             (0, width - n), value=False)
-            rows.append(mask)
-        mask = torch.stack(rows) if rows else valid
+        mask = self.keep_masks(ctx, budgets)
+        width = mask.shape[1]
         if ctx.protocol == "official":
             counts = mask.sum(dim=1).tolist()  # the one host read: the official totals are data-dependent
         else:
