@@ -58,6 +58,15 @@ Departures (documented, not silent):
   official order (per window: the dynamic clustering, then the static), so a sample draws alike in any batch.
 - Several videos in one sample: each starts from R (the official loop divides the already-adjusted ratio again
   for the second video, llava_arch.py:389); an image grid is a one-frame clip.
+- Equal scores (top attention tokens, DPC centres) go to the lower index (a stable sort; torch.topk's order
+  among equal scores depends on the row's length); a cluster's members are summed in ascending order in float32.
+  Both hold whatever the padding, so a sample picks and merges alike alone and in a batch (below).
+
+Batching: the whole batch is one pass per stage. The outer stage gathers the batch's clips of one shape with one
+gather, computes their signals and static runs together, reads every clip's static counts back once (the plans are
+data-dependent), uploads every sample's jitter once, then runs every frame's dominant and contextual selection and
+every window's static merge of those clips at once, padded where the plans differ; the inner stage ranks, merges
+and reorders every sample at once. Kernels grow with the number of clip shapes, not with the batch.
 `uniform`: the same windows, signals and merges in float32, at original positions, with exactly the planner's
 count at each stage (its default shape [1, 1 - r]: the outer count and (1 - r) times it inside the LLM, whose
 layer average is keep; with layers.prune_layers=[0] and budget=final, round(keep N)). The outer count is spread
@@ -106,12 +115,12 @@ from clse_exp.pruning.methods.base import (
     PruningMethod,
     Rules,
     Selection,
-    pack,
 )
 from clse_exp.pruning.methods.vidcom2 import clips_of
 from clse_exp.pruning.methods.visionzip import per_token
+from clse_exp.pruning.ragged import assemble, device_ints, windows
 from clse_exp.pruning.signals import StageContext
-from clse_exp.pruning.slots import positions_of
+from clse_exp.pruning.slots import gather_rows, positions_of
 
 FAMILIES = ("llava_onevision",)  # the families whose official code this reproduces
 PORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # protocol=uniform only: the port (see the module docstring)
@@ -120,6 +129,7 @@ ATTENTION_CHUNK = 1 << 26  # most probabilities one step of the vision-block sig
 OFFICIAL_DEPTH = 28  # LLaVA-OneVision-Qwen2-7B
 OFFICIAL_LLM_LAYER = 18  # HOLITOM_k in every script (HT:scripts/eval_ov-7b_holitom.sh:2)
 DENSITY_NOISE = 1e-6  # tie-breaking jitter on the DPC density (HT:llava_arch.py:39-40)
+DIRECT_CDIST = 25  # torch.cdist computes distances pair by pair up to this many rows, through a matmul above
 
 
 # ---------------------------------------------------------------------------------------------- signals
@@ -172,20 +182,21 @@ def pool_like_frames(weights: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- windows
 def static_runs(frames: torch.Tensor, tau: float) -> torch.Tensor:
-    """[F, P] long: for frame s and token n, how many adjacent-frame cosines from s on exceed tau in a row
-    (HT:llava_arch.py:377-380: features normalised, then the cosine with the same token of the next frame)."""
+    """[..., F, P] long: for clips' frames [..., F, P, C], for frame s and token n, how many adjacent-frame cosines
+    from s on exceed tau in a row (HT:llava_arch.py:377-380: features normalised, then the cosine with the same
+    token of the next frame)."""
     unit = F.normalize(frames, p=2, dim=-1)
-    above = F.cosine_similarity(unit[:-1], unit[1:], dim=-1) > tau
-    runs = torch.zeros(frames.shape[:2], dtype=torch.long, device=frames.device)
-    for s in range(frames.shape[0] - 2, -1, -1):
-        runs[s] = (runs[s + 1] + 1) * above[s]
+    above = F.cosine_similarity(unit[..., :-1, :, :], unit[..., 1:, :, :], dim=-1) > tau
+    runs = torch.zeros(frames.shape[:-1], dtype=torch.long, device=frames.device)
+    for s in range(frames.shape[-3] - 2, -1, -1):
+        runs[..., s, :] = (runs[..., s + 1, :] + 1) * above[..., s, :]
     return runs
 
 
 def static_counts(runs: torch.Tensor) -> torch.Tensor:
-    """[F, F - 1] on the device: [s, w - 1] = tokens static over frames s..s+w."""
-    widths = torch.arange(1, runs.shape[0], device=runs.device)
-    return (runs[:, :, None] >= widths).sum(1)
+    """[..., F, F - 1] on the device: [s, w - 1] = tokens static over frames s..s+w."""
+    widths = torch.arange(1, runs.shape[-2], device=runs.device)
+    return (runs[..., None] >= widths).sum(-2)
 
 
 def select_windows(counts: list[list[int]], max_window: int) -> tuple[list[tuple[int, int]], int]:
@@ -224,40 +235,80 @@ def spread(total: int, sizes: list[int]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- DPC-kNN
-def dpc_centres(x: torch.Tensor, clusters: int, k: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cluster_dpc_knn (HT:llava_arch.py:29-51) on x [B, n, C]: (centres [B, clusters], sorted, distances)."""
-    dist = torch.cdist(x.float(), x.float()) / x.shape[-1] ** 0.5
-    nearest = dist.topk(k, dim=-1, largest=False).values
-    density = (-(nearest**2).mean(dim=-1)).exp() + noise.to(dist.device, dist.dtype)
-    denser = (density[:, None, :] > density[:, :, None]).to(dist.dtype)
-    far = dist.flatten(1).max(dim=-1).values[:, None, None]
-    parent = (dist * denser + far * (1 - denser)).min(dim=-1).values
-    centres = (parent * density).topk(clusters, dim=-1).indices
-    return centres.sort(dim=-1).values, dist
+def ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest `scores` along the last dim, highest first, equal scores in index order: a
+    stable sort, so a padded row picks what the unpadded row picks (torch.topk breaks ties by row length)."""
+    return scores.argsort(dim=-1, descending=True, stable=True)[..., :k]
 
 
-def merge_clusters(x: torch.Tensor, centres: torch.Tensor, dist: torch.Tensor, beta: float) -> torch.Tensor:
-    """merge_tokens_by_clustering (HT:llava_arch.py:100-150): every non-centre joins its nearest centre; a centre
-    with members becomes beta x centre + (1 - beta) x mean(members). x [B, n, C] -> [B, clusters, C]."""
-    batch, n, _ = x.shape
-    clusters = centres.shape[1]
-    to_centres = dist.gather(2, centres[:, None, :].expand(batch, n, clusters))
-    assign = F.one_hot(to_centres.argmin(dim=-1), clusters).to(x.dtype)  # [B, n, clusters]
-    assign.scatter_(1, centres[:, :, None].expand(batch, clusters, clusters), 0)  # centres are no members
-    members = assign.sum(dim=1)[:, :, None]  # [B, clusters, 1]
-    own = x.gather(1, centres[:, :, None].expand(-1, -1, x.shape[-1]))
-    mean = assign.transpose(1, 2) @ x / members.clamp(min=1)
-    return torch.where(members > 0, beta * own + (1 - beta) * mean, own)
+def pair_distances(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """[U, n, n] float32 L2 distances / sqrt(C) within each unit of x [U, n, C] (its first sizes[u] rows real),
+    each unit computed the way torch.cdist computes it alone (pair by pair up to DIRECT_CDIST rows, else by a
+    matmul), so padding a unit does not move its distances."""
+    x = x.float()
+    dist = torch.cdist(x, x)
+    large = [int(size > DIRECT_CDIST) for size in sizes]
+    if x.shape[1] > DIRECT_CDIST and not all(large):
+        direct = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+        dist = torch.where(device_ints(large, x.device).bool()[:, None, None], dist, direct)
+    return dist / x.shape[-1] ** 0.5
+
+
+def cluster(x: torch.Tensor, sizes: list[int], clusters: list[int], near: list[int], noise: torch.Tensor,
+            beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cluster_dpc_knn then merge_tokens_by_clustering (HT:llava_arch.py:29-51, 100-150) on units x [U, n, C],
+    unit u its first sizes[u] rows, clusters[u] centres from its near[u] nearest, noise [U, n] the density jitter:
+    (centres [U, max clusters], ascending, filler n past a unit's count; their rows [U, max clusters, C]). Every
+    other real row joins its nearest centre; a centre with members becomes beta x centre + (1 - beta) x
+    mean(members), the members summed in ascending order in float32. Padding takes no part in anything."""
+    units, n, channels = x.shape
+    device = x.device
+    dist = pair_distances(x, sizes)
+    size, count, k = device_ints([*sizes, *clusters, *near], device).view(3, units, 1)
+    widest, slots = max(near, default=1), max(clusters, default=1)
+    steps = torch.arange(max(n, widest, slots, units), device=device)
+    invalid = steps[:n] >= size
+    nearest = dist.masked_fill(invalid[:, None, :], float("inf")).topk(widest, dim=-1, largest=False).values
+    nearest = nearest.masked_fill(steps[:widest] >= k[:, :, None], 0)
+    density = (-((nearest**2).sum(dim=-1) / k)).exp() + noise.to(device, dist.dtype)
+    density = density.masked_fill(invalid, float("-inf"))
+    denser = density[:, None, :] > density[:, :, None]
+    far = dist.masked_fill(invalid[:, :, None] | invalid[:, None, :], 0).flatten(1).max(dim=-1).values
+    parent = torch.where(denser, dist, far[:, None, None]).min(dim=-1).values
+    top = ranked((parent * density).masked_fill(invalid, float("-inf")), slots)
+    spare = steps[:slots] >= count  # a unit's unused centre slots: its last ones once sorted (filler n)
+    centres = top.masked_fill(spare, n).sort(dim=-1).values
+    safe = centres.clamp(max=n - 1)
+    to_centres = dist.gather(2, safe[:, None, :].expand(units, n, slots)).masked_fill(spare[:, None, :], float("inf"))
+    centre_rows = torch.zeros(units, n + 1, dtype=torch.bool, device=device).scatter_(1, centres, True)[:, :n]
+    outside = invalid | centre_rows  # centres are no members
+    slot = to_centres.argmin(dim=-1).masked_fill(outside, slots)
+    member = ~outside
+    slot = (slot + steps[:units, None] * (slots + 1)).flatten()
+    sums = x.new_zeros(units * (slots + 1), channels, dtype=torch.float32).index_add_(0, slot, x.flatten(0, 1).float())
+    members = x.new_zeros(units * (slots + 1), dtype=torch.float32).index_add_(0, slot, member.flatten().float())
+    sums = sums.view(units, slots + 1, channels)[:, :slots].to(x.dtype)
+    members = members.view(units, slots + 1, 1)[:, :slots].to(x.dtype)
+    own = x.gather(1, safe[:, :, None].expand(-1, -1, channels))
+    return centres, torch.where(members > 0, beta * own + (1 - beta) * (sums / members.clamp(min=1)), own)
 
 
 def sequential_average(kept: torch.Tensor, pruned: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Each pruned row, in order, averaged into kept row `target[i]` (h <- (h + p) / 2, HT:modeling_qwen2.py:177-181),
-    in closed form: with m members after it, a pruned row weighs 2^-(m+1) and the kept row 2^-(its members)."""
-    assign = F.one_hot(target, kept.shape[0]).to(kept.dtype)  # [m, k]
-    later = assign.flip(0).cumsum(0).flip(0)  # members of the same target from this row on (itself included)
-    weight = torch.pow(0.5, (later * assign).sum(1))  # [m]
-    own = torch.pow(0.5, assign.sum(0))[:, None]  # [k, 1]
-    return own * kept + assign.T @ (weight[:, None] * pruned)
+    in closed form: with m members after it, a pruned row weighs 2^-(m+1) and the kept row 2^-(its members). Any
+    leading dims are a batch (kept [..., k, C], pruned [..., m, C], target [..., m]); a target of k or more
+    marks a padding row. The weighted members are summed in ascending order in float32, whatever the padding."""
+    slots, channels = kept.shape[-2], kept.shape[-1]
+    target = target.clamp(max=slots)
+    assign = F.one_hot(target, slots + 1)[..., :slots].to(kept.dtype)  # [..., m, k]
+    later = assign.flip(-2).cumsum(-2).flip(-2)  # members of the same target from this row on (itself included)
+    weight = torch.pow(0.5, (later * assign).sum(-1))  # [..., m]
+    own = torch.pow(0.5, assign.sum(-2))[..., None]  # [..., k, 1]
+    batch = math.prod(kept.shape[:-2])
+    base = torch.arange(batch, device=kept.device).view(*kept.shape[:-2], 1) * (slots + 1)
+    sums = kept.new_zeros(batch * (slots + 1), channels, dtype=torch.float32)
+    sums.index_add_(0, (target + base).flatten(), (weight[..., None] * pruned).reshape(-1, channels).float())
+    return own * kept + sums.view(*kept.shape[:-2], slots + 1, channels)[..., :slots, :].to(kept.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,36 +323,35 @@ class WindowPlan:
     contextual: list[int]
 
 
-def jitter_size(plan: WindowPlan, tokens: int) -> int:
-    """Jitter values a window's clusterings draw: its dynamic frames' contextual pools, then its static tokens."""
-    static = plan.static if plan.end > plan.start and plan.clusters > 0 else 0
-    pools = [tokens - plan.static - m for m, c in zip(plan.dominant, plan.contextual, strict=True) if c > 0]
-    return sum(pools) + static
-
-
 @dataclasses.dataclass
 class Clip:
-    """One video (or image) of a sample: its frames [F, P, C], attention [F, P], static runs, and budget (None:
-    the official counts)."""
+    """One video (or image, one frame) of a sample: its first token among the sample's visual tokens, its frames
+    and tokens per frame, its budget (None: the official counts) and its encoder rows (None: the embeddings)."""
 
     sample: int
     offset: int
-    frames: torch.Tensor
-    weights: torch.Tensor
-    runs: torch.Tensor
+    frames: int
+    tokens: int
     budget: int | None
+    item: Any
 
 
-class Jitter:
-    """A sample's uploaded density jitter, handed out in draw order."""
+@dataclasses.dataclass
+class Pieces:
+    """The stage's results as one table of (position, row) entries and, per sample, the (start, length) runs of
+    entries it keeps, in sequence order."""
 
-    def __init__(self, values: torch.Tensor) -> None:
-        self.values, self.at = values, 0
+    positions: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    rows: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    size: int = 0
 
-    def take(self, rows: int, cols: int) -> torch.Tensor:
-        piece = self.values[self.at : self.at + rows * cols].view(rows, cols)
-        self.at += rows * cols
-        return piece
+    def add(self, positions: torch.Tensor, rows: torch.Tensor) -> int:
+        """Appends units' padded results (positions [U, w], rows [U, w, C]); returns where they start."""
+        start = self.size
+        self.positions.append(positions.flatten())
+        self.rows.append(rows.flatten(0, 1))
+        self.size += positions.numel()
+        return start
 
 
 class HoliTom(PruningMethod):
@@ -404,117 +454,182 @@ class HoliTom(PruningMethod):
 
     # ------------------------------------------------------------------------------ selection
     def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        if ctx.layer == 0:
-            return self.outer(ctx, {b: k})[b]
-        return self.inner(ctx, b, k)
+        """Sample b's choice alone (row b of the batched choice; the other samples keep their tokens)."""
+        choice = self.select_batch(ctx, [k if i == b else None for i in range(len(ctx.n_current))])
+        count = choice.counts[b]
+        rows = None if choice.hidden is None else choice.hidden[b, :count]
+        return Selection(choice.order[b, :count], rows)
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
-        """The outer stage for the whole batch with one read of the device (every clip's static counts) and one
-        upload (every sample's density jitter); the inner stage per sample (nothing read back)."""
-        if ctx.layer != 0:
-            return super().select_batch(ctx, budgets)
-        chosen = self.outer(ctx, {b: k for b, k in enumerate(budgets) if k is not None})
-        return pack([chosen.get(b) for b in range(len(budgets))], ctx)
+        """The whole batch at once: the outer stage with one read of the device (every clip's static counts) and
+        one upload (every sample's density jitter), the inner stage with nothing read back."""
+        return self.outer(ctx, budgets) if ctx.layer == 0 else self.inner(ctx, budgets)
 
-    def inner(self, ctx: StageContext, b: int, k: int) -> Selection:
-        """HT:modeling_qwen2.py:146-208: top attention tokens kept, each other one averaged into its most similar
-        kept token (ascending order, one at a time); the kept tokens in their current order."""
-        n = ctx.n_current[b]
+    def inner(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
+        """HT:modeling_qwen2.py:146-208 for every sample: top attention tokens kept, each other one averaged into
+        its most similar kept token (ascending order, one at a time); the kept tokens in their current order. A
+        sample without a budget keeps every token as it is."""
         official = ctx.protocol == "official"
-        count = max(1, round(n * (1 - self.options.llm_ratio))) if official else k  # official: 0 drops them all
-        hidden = ctx.hidden_states(b)
+        r = self.options.llm_ratio
+        counts = [n if k is None else max(1, round(n * (1 - r))) if official else k  # official: 0 drops them all
+                  for k, n in zip(budgets, ctx.n_current, strict=True)]
+        spares = [n - c for n, c in zip(ctx.n_current, counts, strict=True)]
+        width, keep, spare = ctx.visual_slots.shape[1], max(counts), max(spares)
+        hidden = ctx.visual_hidden()
         work = hidden if official else hidden.float()
-        top = ctx.attention(b).topk(count).indices
-        rest = torch.ones(n, dtype=torch.bool, device=hidden.device).index_fill_(0, top, False)
-        rest = positions_of(rest[None], n - count)[0]
-        kept, pruned = work[top], work[rest]
-        similarity = (pruned @ kept.T) / (pruned.norm(dim=-1, keepdim=True) * kept.norm(dim=-1, keepdim=True).T)
-        merged = sequential_average(kept, pruned, similarity.argmax(dim=-1)) if n > count else kept
-        order = top.sort()
-        return Selection(order.values, merged[order.indices].to(hidden.dtype))
+        device = work.device
+        limit, left = device_ints(counts + spares, device).view(2, -1, 1)
+        top = ranked(ctx.attention_batch().masked_fill(~ctx.visual_valid, float("-inf")), keep)
+        unpicked = torch.arange(keep, device=device) >= limit
+        top = top.masked_fill(unpicked, width)
+        kept = gather_rows(work, top.clamp(max=width - 1))
+        if spare:
+            rest = torch.cat([ctx.visual_valid, unpicked.new_zeros(len(counts), 1)], dim=1).scatter_(1, top, False)
+            pruned = gather_rows(work, positions_of(rest[:, :width], spare))
+            similarity = (pruned @ kept.mT) / (pruned.norm(dim=-1, keepdim=True) * kept.norm(dim=-1, keepdim=True).mT)
+            target = similarity.masked_fill(unpicked[:, None, :], float("-inf")).argmax(dim=-1)
+            target = target.masked_fill(torch.arange(spare, device=device) >= left, keep)
+            kept = sequential_average(kept, pruned, target)
+        order = top.sort(dim=1)
+        return BatchSelection(order.values, counts, width, gather_rows(kept, order.indices).to(hidden.dtype))
 
-    def outer(self, ctx: StageContext, budgets: dict[int, int]) -> dict[int, Selection]:
-        """HT:llava_arch.py:370-407 for every clip (a video, or an image as one frame) of the samples in `budgets`."""
+    def outer(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
+        """HT:llava_arch.py:370-407 for every clip (a video, or an image as one frame) of the samples with a budget;
+        the others keep their tokens. The batch's clips of one shape are worked on together (their signals,
+        windows' static merges and frames' dominant and contextual tokens, padded where plans differ), so the
+        kernels grow with the number of clip shapes, not with the batch."""
         official = ctx.protocol == "official"
-        clips: list[Clip] = []
-        for b, k in budgets.items():
-            current = ctx.hidden_states(b)
-            work = current if official else current.float()
+        visual = ctx.visual_hidden()
+        work = visual if official else visual.float()
+        clips = self._clips(ctx, budgets, official)
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, clip in enumerate(clips):
+            shapes.setdefault((clip.frames, clip.tokens), []).append(i)
+        signals = {shape: self._signals(ctx, work, [clips[i] for i in members]) for shape, members in shapes.items()}
+        counts = [static_counts(runs) for _, _, runs in signals.values()]
+        flat = torch.cat([c.flatten() for c in counts]).tolist() if clips else []  # the stage's one read
+        plans: list[list[WindowPlan]] = [[] for _ in clips]
+        at = 0
+        for (frames, tokens), members in shapes.items():
+            for i in members:
+                plans[i] = self.plan([flat[at + f * (frames - 1) : at + (f + 1) * (frames - 1)]
+                                      for f in range(frames)], tokens, clips[i].budget)
+                at += frames * (frames - 1)
+        noise, draws = self._jitter(ctx, clips, plans)
+        table = Pieces()
+        found: dict[int, list[tuple[int, int]]] = {}
+        for shape, members in shapes.items():
+            frames, weights, runs = signals[shape]
+            merged = self._merge(frames, weights, runs, [clips[i] for i in members], [plans[i] for i in members],
+                                 [draws[i] for i in members], noise, table)
+            found.update(zip(members, merged, strict=True))
+        pieces: list[list[tuple[int, int]]] = [[] for _ in budgets]
+        for i, clip in enumerate(clips):
+            pieces[clip.sample] += found[i]
+        if any(k is None for k in budgets):  # every token of those samples, as it is
+            width = visual.shape[1]
+            start = table.add(torch.arange(width, device=visual.device).repeat(len(budgets)), work)
+            for b, k in enumerate(budgets):
+                if k is None:
+                    pieces[b].append((start + b * width, ctx.n_current[b]))
+        return self._assemble(ctx, table, pieces, work)
+
+    def _clips(self, ctx: StageContext, budgets: list[int | None], official: bool) -> list[Clip]:
+        """Every clip of the samples with a budget, in sample and prompt order, with its share of the budget."""
+        clips = []
+        for b, k in enumerate(budgets):
+            if k is None:
+                continue
             grids = clips_of(ctx.grids(b), ctx.family)
             encoded = ctx.vision_inputs(b, -1) if ctx.family in FAMILIES + VISION_BLOCK else [None] * len(grids)
-            offset = 0
-            for (t, p, _), item, budget in zip(grids, encoded, spread(k, [t * p for t, p, _ in grids]), strict=True):
-                frames = work[offset : offset + t * p].view(t, p, -1)
-                weights = self.weights(ctx, frames, item).to(work.dtype)
-                clips.append(Clip(b, offset, frames, weights, static_runs(frames, self.options.tau),
-                                  None if official else budget))
-                offset += t * p
-            if offset != len(current):
-                raise RuntimeError(f"sample {b}: its grids hold {offset} tokens but it has {len(current)} visual "
+            shares = spread(k, [t * p for t, p, _ in grids])
+            for (t, p, offset), item, share in zip(grids, encoded, shares, strict=True):
+                clips.append(Clip(b, offset, t, p, None if official else share, item))
+            held = sum(t * p for t, p, _ in grids)
+            if held != ctx.n_current[b]:
+                raise RuntimeError(f"sample {b}: its grids hold {held} tokens but it has {ctx.n_current[b]} visual "
                                    "tokens")
-        counts = [static_counts(c.runs) for c in clips]
-        flat = torch.cat([c.flatten() for c in counts]).tolist() if clips else []  # the stage's one read
-        plans, at = [], 0
-        for clip, count in zip(clips, counts, strict=True):
-            width = count.shape[1]
-            rows = [flat[at + f * width : at + (f + 1) * width] for f in range(count.shape[0])]
-            at += count.numel()
-            plans.append(self.plan(rows, clip.frames.shape[1], clip.budget))
-        noise = self._jitter(ctx, clips, plans)
-        orders: dict[int, list[torch.Tensor]] = {b: [] for b in budgets}
-        rows_out: dict[int, list[torch.Tensor]] = {b: [] for b in budgets}
-        for clip, plan in zip(clips, plans, strict=True):
-            order, merged = self.clip(clip.frames, clip.weights, clip.runs, plan, noise[clip.sample])
-            orders[clip.sample].append(clip.offset + order)
-            rows_out[clip.sample].append(merged)
-        return {b: Selection(torch.cat(orders[b]), torch.cat(rows_out[b]).to(ctx.hidden.dtype)) for b in budgets}
+        return clips
 
-    def weights(self, ctx: StageContext, frames: torch.Tensor, item: Any) -> torch.Tensor:
-        """[F, P] token attention of a clip [F, P, C]: the official SigLIP signal (LLaVA-OneVision, `item` its
-        frames' encoder rows) or the port's stand-in (Qwen: `item` the video's vision-block rows, or None)."""
+    def _signals(self, ctx: StageContext, work: torch.Tensor, clips: list[Clip]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clips of one shape: their frames [G, F, P, C] (one gather), token attention [G, F, P] and static runs."""
+        count, size = clips[0].frames, clips[0].tokens
+        frames = windows(work, [(c.sample, c.offset) for c in clips], count * size).view(len(clips), count, size, -1)
+        weights = self.weights(ctx, frames, [c.item for c in clips]).to(work.dtype)
+        return frames, weights, static_runs(frames, self.options.tau)
+
+    def weights(self, ctx: StageContext, frames: torch.Tensor, items: list[Any]) -> torch.Tensor:
+        """[G, F, P] token attention of clips [G, F, P, C] of one shape, every clip's frames in one pass: the
+        official SigLIP signal (LLaVA-OneVision, `items` their frames' encoder rows) or the port's stand-in (Qwen:
+        the videos' vision-block rows, or None)."""
+        clips, count, size = frames.shape[:3]
         if ctx.family in FAMILIES:
-            return pool_like_frames(siglip_attention(ctx.vision_layers[-1], item))
-        if item is None:
-            return embedding_attention(frames)
-        queries, keys = ctx.encoder_queries_keys(ctx.vision_layers[-1], item)
-        return vision_block_attention(queries, keys, item.token, *frames.shape[:2]).to(frames.device)
+            return pool_like_frames(siglip_attention(ctx.vision_layers[-1], torch.cat(items))).view(clips, count, size)
+        if items[0] is None:
+            return embedding_attention(frames.flatten(0, 1)).view(clips, count, size)
+        shift = torch.arange(clips, device=items[0].token.device)[:, None] * (count * size)
+        joined = dataclasses.replace(items[0], hidden=torch.cat([it.hidden for it in items]),
+                                     cos=torch.cat([it.cos for it in items]), sin=torch.cat([it.sin for it in items]),
+                                     blocks=[n for it in items for n in it.blocks],
+                                     token=(torch.stack([it.token for it in items]) + shift).flatten())
+        queries, keys = ctx.encoder_queries_keys(ctx.vision_layers[-1], joined)
+        signal = vision_block_attention(queries, keys, joined.token, clips * count, size)
+        return signal.to(frames.device).view(clips, count, size)
 
-    def _jitter(self, ctx: StageContext, clips: list[Clip], plans: list[list[WindowPlan]]) -> dict[int, Jitter]:
+    def _jitter(self, ctx: StageContext, clips: list[Clip], plans: list[list[WindowPlan]]
+                ) -> tuple[torch.Tensor, list[list[int]]]:
         """Each sample's density jitter, drawn on the host from its own generator (as many values as its
-        clusterings take, in their order: one draw equals consecutive draws) and uploaded once for the batch."""
-        sizes: dict[int, int] = {}
+        clusterings take, in their official order: per window each clustered frame's pool, then the static
+        tokens; one draw equals consecutive draws) and uploaded once for the batch, even with none: (the values,
+        per clip where each of its clusterings' values start, in that order)."""
+        used: dict[int, int] = {}
+        local: list[list[int]] = []
         for clip, plan in zip(clips, plans, strict=True):
-            sizes[clip.sample] = sizes.get(clip.sample, 0) + sum(jitter_size(w, clip.frames.shape[1]) for w in plan)
-        drawn = [b for b, size in sizes.items() if size]
-        with host_side():
-            draws = [torch.rand(sizes[b], generator=ctx.generator(b)) * DENSITY_NOISE for b in drawn]
-        uploaded = upload(torch.cat(draws), ctx.hidden.device).split([sizes[b] for b in drawn]) if drawn else []
-        streams = {b: Jitter(values) for b, values in zip(drawn, uploaded, strict=True)}
-        return {b: streams.get(b, Jitter(ctx.hidden.new_zeros(0))) for b in sizes}
+            at, starts = used.get(clip.sample, 0), []
+            for window in plan:
+                for dominant, contextual in zip(window.dominant, window.contextual, strict=True):
+                    if contextual:
+                        starts.append(at)
+                        at += clip.tokens - window.static - dominant
+                if window.end > window.start and window.clusters:
+                    starts.append(at)
+                    at += window.static
+            used[clip.sample] = at
+            local.append(starts)
+        drawn = [b for b, size in used.items() if size]
+        with host_side():  # uploaded even when empty, so the syncs do not depend on the videos
+            draws = [torch.rand(used[b], generator=ctx.generator(b)) * DENSITY_NOISE for b in drawn]
+            values = torch.cat(draws) if draws else torch.zeros(0)
+        noise = upload(values, ctx.hidden.device)
+        base, at = {}, 0
+        for b in drawn:
+            base[b], at = at, at + used[b]
+        return noise, [[base.get(c.sample, 0) + s for s in starts] for c, starts in zip(clips, local, strict=True)]
 
     def plan(self, counts: list[list[int]], tokens: int, budget: int | None) -> list[WindowPlan]:
         """Windows and counts: the official rule (budget None, HT:llava_arch.py:382-391, 152-155, 201) or exactly
         `budget` tokens spread over the static and dynamic groups (uniform)."""
         o = self.options
         frames = len(counts)
-        windows, saved = select_windows(counts, o.max_window_size)
+        spans, saved = select_windows(counts, o.max_window_size)
         total = frames * tokens
         if budget is not None and budget > total - saved:  # the static merge alone would leave too few
-            windows, saved = [(f, f) for f in range(frames)], 0
-        statics = [counts[s][e - s - 1] if e > s else 0 for s, e in windows]
+            spans, saved = [(f, f) for f in range(frames)], 0
+        statics = [counts[s][e - s - 1] if e > s else 0 for s, e in spans]
         if budget is None:
             retain = min(self.retain / ((total - saved) / total), 1)
             shares = []
-            for (s, e), static in zip(windows, statics, strict=True):
+            for (s, e), static in zip(spans, statics, strict=True):
                 shares += [round(static * retain) if e > s else 0]
                 shares += [math.ceil((tokens - static) * retain)] * (e - s + 1)
         else:
             sizes = []
-            for (s, e), static in zip(windows, statics, strict=True):
+            for (s, e), static in zip(spans, statics, strict=True):
                 sizes += [static if e > s else 0] + [tokens - static] * (e - s + 1)
             shares = spread(budget, sizes)
         plans, i = [], 0
-        for (s, e), static in zip(windows, statics, strict=True):
+        for (s, e), static in zip(spans, statics, strict=True):
             dynamic = shares[i + 1 : i + 2 + e - s]
             dominant = [round(c * (1 - o.d)) for c in dynamic]
             plans.append(WindowPlan(s, e, static, shares[i], dominant,
@@ -522,63 +637,106 @@ class HoliTom(PruningMethod):
             i += 2 + e - s
         return plans
 
-    def clip(self, frames: torch.Tensor, weights: torch.Tensor, runs: torch.Tensor, plans: list[WindowPlan],
-             noise: Jitter) -> tuple[torch.Tensor, torch.Tensor]:
-        """One clip [F, P, C] with its attention [F, P]: (kept positions within the clip, their rows), in the
-        official sequence order (per window: static clusters, then per frame dominant and contextual tokens)."""
+    def _merge(self, frames: torch.Tensor, weights: torch.Tensor, runs: torch.Tensor, clips: list[Clip],
+               plans: list[list[WindowPlan]], draws: list[list[int]], noise: torch.Tensor, table: Pieces
+               ) -> list[list[tuple[int, int]]]:
+        """Clips of one shape (frames [G, F, P, C], attention and static runs [G, F, P]), all at once: every
+        frame's dominant (top attention, ascending) and contextual tokens (DPC-kNN of the rest, centres
+        ascending), every window's static clusters. Results go into `table`; returns per clip its (start,
+        length) runs there in the official sequence order (per window: static clusters, then per frame its
+        dominant and contextual tokens)."""
         o = self.options
-        tokens = frames.shape[1]
-        order, rows = [], []
+        count, size, channels = frames.shape[1:]
+        units = frames.flatten(0, 1)  # [G F, P, C]: frame f of clip g is unit g F + f
+        # per frame unit, from the host plan: its window's first unit and static threshold, counts, jitter start
+        first, threshold, dynamic, dominant, contextual, jitter, base = [], [], [], [], [], [], []
+        statics = []  # per static clustering: (its window's first unit, frames, static tokens, clusters, jitter)
+        for g, (clip, plan, starts) in enumerate(zip(clips, plans, draws, strict=True)):
+            start = iter(starts)
+            for w in plan:
+                span = w.end - w.start + 1
+                for m, c in zip(w.dominant, w.contextual, strict=True):
+                    first.append(g * count + w.start)
+                    threshold.append(span - 1 if span > 1 else count)  # a one-frame window has no static token
+                    dynamic.append(size - w.static)
+                    dominant.append(m)
+                    contextual.append(c)
+                    jitter.append(next(start) if c else 0)
+                if span > 1 and w.clusters:
+                    statics.append((g * count + w.start, span, w.static, w.clusters, next(start)))
+            base += [clip.offset + f * size for f in range(count)]
+        device, total, widest = frames.device, len(first), max(dynamic)
+        first_t, threshold_t, dynamic_t, dominant_t, base_t = device_ints(
+            first + threshold + dynamic + dominant + base, device).view(5, total, 1)
+        static = runs.flatten(0, 1).index_select(0, first_t[:, 0]) >= threshold_t
+        place = positions_of(~static, widest)  # [U, D] each unit's dynamic tokens, ascending
+        real = torch.arange(widest, device=device) < dynamic_t
+        scores = weights.flatten(0, 1).gather(1, place).masked_fill(~real, float("-inf"))
+        top = ranked(scores, max(dominant))
+        top = top.masked_fill(torch.arange(top.shape[1], device=device) >= dominant_t, widest).sort(dim=1).values
+        real &= ~torch.zeros(total, widest + 1, dtype=torch.bool, device=device).scatter_(1, top, True)[:, :widest]
+        chosen = place.gather(1, top.clamp(max=max(widest - 1, 0)))
+        at_dominant = table.add(chosen + base_t, units.gather(1, chosen[..., None].expand(-1, -1, channels)))
+        at_contextual = 0
+        if max(contextual):  # D > 0 (official default: 0)
+            left = [d - m if c else 0 for d, m, c in zip(dynamic, dominant, contextual, strict=True)]
+            pool_place = place.gather(1, positions_of(real, max(left)))  # the rest, ascending
+            pool = units.gather(1, pool_place[..., None].expand(-1, -1, channels))
+            centres, merged = cluster(pool, left, contextual, [max(1, min(o.k, c)) for c in contextual],
+                                      windows(noise[None], [(0, j) for j in jitter], max(left)), o.beta)
+            chosen = pool_place.gather(1, centres.clamp(max=max(left) - 1))
+            at_contextual = table.add(chosen + base_t, merged)
+        # run even without a static window in the batch, so the kernels do not depend on the videos
+        at_static = self._static(frames, runs, statics, clips, noise, table)
+        found: list[list[tuple[int, int]]] = []
+        u = s = 0
+        slots = max((w[3] for w in statics), default=0)
         for plan in plans:
-            size = plan.end - plan.start + 1
-            window = frames[plan.start : plan.end + 1]
-            if size > 1:
-                static_mask = runs[plan.start] >= size - 1
-                static = positions_of(static_mask[None], plan.static)[0]
-                dynamic = positions_of(~static_mask[None], tokens - plan.static)[0]
-            else:
-                static = dynamic = torch.arange(tokens, device=frames.device)
-            # dynamic first: the official draws its jitter for them before the static clusters (HT:llava_arch.py:251)
-            dyn_order, dyn_rows = self.dynamic(window[:, dynamic], weights[plan.start : plan.end + 1, dynamic], plan,
-                                               noise)
-            if size > 1 and plan.clusters > 0:
-                mean = window[:, static].mean(dim=0)
-                jitter = noise.take(1, plan.static)
-                centres, dist = dpc_centres(mean[None], plan.clusters, min(o.k, plan.clusters), jitter)
-                order.append(plan.start * tokens + static[centres[0]])
-                rows.append(merge_clusters(mean[None], centres, dist, o.beta)[0])
-            for f in range(size):
-                order.append((plan.start + f) * tokens + dynamic[dyn_order[f]])
-                rows.append(dyn_rows[f])
-        return torch.cat(order), torch.cat(rows)
+            here = []
+            for w in plan:
+                if w.end > w.start and w.clusters:
+                    here.append((at_static + s * slots, w.clusters))
+                    s += 1
+                for m, c in zip(w.dominant, w.contextual, strict=True):
+                    here += [(at_dominant + u * max(dominant), m)] if m else []
+                    here += [(at_contextual + u * max(contextual), c)] if c else []
+                    u += 1
+            found.append(here)
+        return found
 
-    def dynamic(self, feats: torch.Tensor, weights: torch.Tensor, plan: WindowPlan, noise: Jitter
-                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per frame of a window (feats [W, n, C], weights [W, n]): kept positions within `n` and their rows,
-        dominant (top attention, ascending) then contextual (DPC-kNN of the rest, centres ascending). Frames of
-        equal counts (always, officially) go as one batch, as the official code runs them (one jitter draw)."""
-        size = feats.shape[0]
-        if len(set(plan.dominant)) == 1 and len(set(plan.contextual)) == 1:
-            return self._frames(feats, weights, plan.dominant[0], plan.contextual[0], noise)
-        orders, rows = [], []
-        for f in range(size):
-            order, row = self._frames(feats[f : f + 1], weights[f : f + 1], plan.dominant[f], plan.contextual[f],
-                                      noise)
-            orders += order
-            rows += row
-        return orders, rows
+    def _static(self, frames: torch.Tensor, runs: torch.Tensor, statics: list[tuple[int, int, int, int, int]],
+                clips: list[Clip], noise: torch.Tensor, table: Pieces) -> int:
+        """Every window's static tokens averaged over its frames (summed in frame order), clustered and merged;
+        a merged row sits at its centre's position in the window's first frame. Returns where they start in
+        `table`."""
+        o = self.options
+        count, size, channels = frames.shape[1:]
+        device = frames.device
+        first, span, static, clusters, jitter = [list(column) for column in zip(*statics, strict=True)] or [[]] * 5
+        longest, most = max(span, default=1), max(static, default=1)
+        bases = [clips[f // count].offset + (f % count) * size for f in first]
+        first_t, threshold_t, span_t, base_t = device_ints(first + [s - 1 for s in span] + span + bases,
+                                                           device).view(4, len(first), 1)
+        place = positions_of(runs.flatten(0, 1).index_select(0, first_t[:, 0]) >= threshold_t, most)  # ascending
+        window = windows(frames, [(f // count, f % count) for f in first], longest)  # [S, longest, P, C]
+        tokens = window.gather(2, place[:, None, :, None].expand(-1, longest, -1, channels))
+        beyond = torch.arange(longest, device=device) >= span_t  # frames past the window
+        mean = tokens.masked_fill(beyond[:, :, None, None], 0).sum(dim=1) / span_t[:, :, None]
+        centres, merged = cluster(mean, static, clusters, [min(o.k, c) for c in clusters],
+                                  windows(noise[None], [(0, j) for j in jitter], most), o.beta)
+        return table.add(place.gather(1, centres.clamp(max=most - 1)) + base_t, merged)
 
-    def _frames(self, feats: torch.Tensor, weights: torch.Tensor, dominant: int, contextual: int,
-                noise: Jitter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """merge_tokens_by_attention_density (HT:llava_arch.py:152-197) for frames [W, n, C] of equal counts."""
-        size, n, channels = feats.shape
-        top = weights.topk(dominant, dim=1).indices.sort(dim=1).values
-        kept = feats.gather(1, top[:, :, None].expand(-1, -1, channels))
-        if contextual == 0:
-            return list(top), list(kept)
-        rest = torch.ones(size, n, dtype=torch.bool, device=feats.device).scatter_(1, top, False)
-        rest = positions_of(rest, n - dominant)
-        pool = feats.gather(1, rest[:, :, None].expand(-1, -1, channels))
-        centres, dist = dpc_centres(pool, contextual, min(self.options.k, contextual), noise.take(size, n - dominant))
-        merged = merge_clusters(pool, centres, dist, self.options.beta)
-        return list(torch.cat([top, rest.gather(1, centres)], dim=1)), list(torch.cat([kept, merged], dim=1))
+    def _assemble(self, ctx: StageContext, table: Pieces, pieces: list[list[tuple[int, int]]],
+                  work: torch.Tensor) -> BatchSelection:
+        """The [B, K] order and [B, K, C] rows from the table's runs: one index built from views of one arange,
+        then two gathers."""
+        width = ctx.visual_slots.shape[1]
+        counts = [sum(length for _, length in runs) for runs in pieces]
+        device = work.device
+        filler = table.add(torch.full((1, 1), width, device=device), work.new_zeros(1, 1, work.shape[-1]))
+        index = torch.arange(table.size, device=device)
+        at = assemble([[index[start : start + length] for start, length in runs] for runs in pieces], max(counts),
+                      filler)
+        order = torch.cat(table.positions)[at]
+        hidden = torch.cat(table.rows)[at].to(ctx.hidden.dtype)
+        return BatchSelection(order, counts, width, hidden)
