@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clse_exp.efficiency.counts import count_ops
-from clse_exp.pruning.ragged import assemble, device_ints, windows
+from clse_exp.pruning.ragged import alone_cdist, assemble, device_ints, windows
 
 
 def test_windows_are_the_slices_padded_with_zeros():
@@ -43,3 +43,13 @@ def test_kernels_do_not_grow_with_the_units(units):
     counts = tally.get("all")
     assert counts.syncs == 0
     assert counts.kernels <= 6, counts.kernels  # pad, stack, arange, stack, full, cat
+
+
+@pytest.mark.parametrize("sizes", [[5, 20], [30, 40], [7, 31, 26]])
+def test_alone_cdist_is_each_unit_alone_whatever_the_padding(sizes):
+    gen = torch.Generator().manual_seed(len(sizes))
+    units = [torch.randn(size, 16, generator=gen) * 10 for size in sizes]
+    padded = torch.stack([torch.nn.functional.pad(u, (0, 0, 0, 45 - len(u))) for u in units])
+    dist = alone_cdist(padded, sizes)
+    for u, unit in enumerate(units):
+        assert torch.equal(dist[u, : len(unit), : len(unit)], torch.cdist(unit[None], unit[None])[0])

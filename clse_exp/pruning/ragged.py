@@ -56,3 +56,20 @@ def assemble(rows: Sequence[Sequence[torch.Tensor]], width: int, fill: int | flo
             raise ValueError(f"a row of {used} entries does not fit width {width}")
         pieces += [*row, filler[: width - used]]
     return torch.cat(pieces).view(len(rows), width)
+
+
+CDIST_BY_PRODUCTS_ABOVE = 25  # torch.cdist (default mode) computes by matrix products for more rows than this
+
+
+def alone_cdist(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """[U, n, n] float32 Euclidean distances within each unit of x [U, n, C] (its first sizes[u] rows real), each
+    as torch.cdist computes them for that unit alone: pair by pair up to 25 rows, by matrix products above. The two
+    formulas differ in the last bits, so a padded unit takes its own size's formula to match its unpadded self."""
+    x = x.float()
+    by_products = [int(size > CDIST_BY_PRODUCTS_ABOVE) for size in sizes]
+    dist = torch.cdist(x, x, compute_mode="use_mm_for_euclid_dist" if all(by_products) else
+                       "donot_use_mm_for_euclid_dist")
+    if any(by_products) and not all(by_products):
+        products = torch.cdist(x, x, compute_mode="use_mm_for_euclid_dist")
+        dist = torch.where(device_ints(by_products, x.device).bool()[:, None, None], products, dist)
+    return dist

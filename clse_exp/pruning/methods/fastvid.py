@@ -69,6 +69,11 @@ Departures (documented, not silent):
   counts than the rule's and the engine's retention check flags them.
 - Both ports handle one video per prompt (batch 1); several clips in one sample (videos, or images: any T=1
   grid is a one-frame clip) are each pruned as their own video.
+- The batch is selected at once (signals per clip shape, one read of the DySeg flags, padded top-k, density and
+  merges for every frame and anchor of the batch). Each top-k keeps its own k (tied scores are ordered by k), and
+  the jitter is drawn per sample in the per-sample order. The merges' products run over padded rows, which BLAS
+  may round in the last bit unlike a product of the exact size, so a merged row can differ from the per-merge
+  computation by float ulps (and a member nearly equidistant from two targets, to ~1e-7, can join the other).
 `uniform`: exactly k = round(keep * N) kept-or-merged tokens, at their original positions, float32: the k
 tokens are spread over the frames in proportion to their size (cumulative rounding), each frame's share split
 k_f - int(k_f d) salient and int(k_f d) context; a segment's context shares are pooled on its anchors (evenly,
@@ -89,11 +94,14 @@ the run says so once and the engine flags such samples.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
+from clse_exp.efficiency.counts import host_side, upload
 from clse_exp.errors import ConfigError
 from clse_exp.pruning.methods.base import (
     BatchSelection,
@@ -103,10 +111,10 @@ from clse_exp.pruning.methods.base import (
     PruningMethod,
     Rules,
     Selection,
-    pack,
 )
 from clse_exp.pruning.methods.vidcom2 import clips_of
 from clse_exp.pruning.methods.visionzip import per_token
+from clse_exp.pruning.ragged import CDIST_BY_PRODUCTS_ABOVE, alone_cdist, assemble, device_ints, windows
 from clse_exp.pruning.signals import StageContext
 from clse_exp.pruning.slots import positions_of
 
@@ -124,24 +132,24 @@ DENSITY_NOISE = 1e-6  # tie-breaking jitter on the density (OV:979-980)
 
 
 def frame_signals(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global features [F, C], salience [F, P]) of a clip's embeddings [F, P, C]: the frame mean, and the
-    softmax over the frame of each token's product with that mean / sqrt(C) (see the module docstring)."""
-    mean = frames.mean(dim=1)
-    logits = torch.einsum("fpc,fc->fp", frames, mean) / frames.shape[-1] ** 0.5
+    """(global features [..., F, C], salience [..., F, P]) of clips' embeddings [..., F, P, C]: the frame mean,
+    and the softmax over the frame of each token's product with that mean / sqrt(C) (see the module docstring)."""
+    mean = frames.mean(dim=-2)
+    logits = torch.einsum("...pc,...c->...p", frames, mean) / frames.shape[-1] ** 0.5
     return mean, torch.softmax(logits, dim=-1)
 
 
 def cut_flags(features: torch.Tensor, c: int, tau: float, ignore: float) -> torch.Tensor:
-    """DySeg (OV:912-919, QW:1899-1905): [2, F-1] bool on the device: row 0 cuts after each of the min(c-1, F-1)
-    least similar adjacent frame pairs and after every pair of cosine below tau; row 1 marks the pairs below
-    `ignore` (the Qwen port's sub-segments, QW:1937-1938)."""
-    unit = features / features.norm(dim=1, keepdim=True)
-    similarity = (unit[:-1] * unit[1:]).sum(dim=1)
+    """DySeg (OV:912-919, QW:1899-1905) of clips' features [G, F, C]: [G, 2, F-1] bool on the device: row 0 cuts
+    after each of the min(c-1, F-1) least similar adjacent frame pairs and after every pair of cosine below tau;
+    row 1 marks the pairs below `ignore` (the Qwen port's sub-segments, QW:1937-1938)."""
+    unit = features / features.norm(dim=-1, keepdim=True)
+    similarity = (unit[:, :-1] * unit[:, 1:]).sum(dim=-1)
     cut = similarity < tau
-    lowest = min(c - 1, len(similarity))
+    lowest = min(c - 1, similarity.shape[-1])
     if lowest > 0:
-        cut = cut.index_fill(0, similarity.topk(lowest, largest=False).indices, True)
-    return torch.stack([cut, similarity < ignore])
+        cut = cut.scatter(-1, similarity.topk(lowest, dim=-1, largest=False).indices, True)
+    return torch.stack([cut, similarity < ignore], dim=-2)
 
 
 def vision_salience(queries: torch.Tensor, keys: torch.Tensor, token: torch.Tensor, frames: int, tokens: int,
@@ -169,25 +177,77 @@ def anchor_offsets(length: int, p: int) -> list[int]:
     return [j for j in range(length) if (length - 1 - j) % p == 0]
 
 
-def density_scores(tokens: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """DPC score of each of a frame's candidate tokens [m, C] (OV:975-987): parent distance x local density."""
-    dist = torch.cdist(tokens.float()[None], tokens.float()[None])[0] / tokens.shape[-1] ** 0.5
-    nearest = dist.topk(min(NEIGHBOURS, len(tokens)), dim=-1, largest=False).values
-    density = (-(nearest**2).mean(dim=-1)).exp() + noise.to(dist.dtype)
-    denser = (density[None, :] > density[:, None]).to(dist.dtype)
-    parent = (dist * denser + dist.max() * (1 - denser)).min(dim=-1).values
-    return parent * density
+def density_scores(tokens: torch.Tensor, valid: torch.Tensor, noise: torch.Tensor, sizes: list[int]
+                   ) -> torch.Tensor:
+    """DPC score of frames' candidate tokens [U, M, C] (OV:975-987), parent distance x local density; `valid`
+    [U, M] marks each frame's real candidates (padding scores -inf), `sizes` their counts. The distances are
+    those torch.cdist gives each frame alone (ragged.alone_cdist), so padding does not switch a frame's formula."""
+    x = tokens.float()
+    fewest = min(sizes)
+    dist = alone_cdist(x, sizes) / tokens.shape[-1] ** 0.5
+    columns = valid[:, None, :]
+    nearest = dist.masked_fill(~columns, math.inf).topk(min(NEIGHBOURS, dist.shape[-1]), dim=-1, largest=False)
+    squares = nearest.values**2
+    if fewest >= NEIGHBOURS:
+        mean_square = squares.mean(dim=-1)
+    else:  # fewer than 4 candidates: the mean of all of them
+        count = valid.sum(dim=-1, keepdim=True).clamp(max=NEIGHBOURS)
+        used = torch.arange(squares.shape[-1], device=x.device) < count
+        mean_square = squares.masked_fill(~used, 0).sum(dim=-1) / count
+    density = (-mean_square).exp() + noise.to(dist.dtype)
+    denser = (density[:, None, :] > density[:, :, None]) & columns
+    farthest = dist.masked_fill(~(columns & valid[:, :, None]), -math.inf).amax(dim=(1, 2))
+    parent = torch.where(denser, dist, farthest[:, None, None]).masked_fill(~columns, math.inf).amin(dim=-1)
+    return (parent * density).masked_fill(~valid, -math.inf)
 
 
-def merge_into(pool: torch.Tensor, targets: torch.Tensor, beta: float) -> torch.Tensor:
-    """DTM (OV:996-1008): every row of `pool` [m, C] joins the target [c, C] of highest cosine; each target
-    becomes w * target + (1 - w) * mean(members), w = max(1 / (members + 1), beta)."""
-    unit = pool / pool.norm(dim=-1, keepdim=True)
-    similarity = unit @ (targets / targets.norm(dim=-1, keepdim=True)).T
-    assign = torch.zeros_like(similarity).scatter_(1, similarity.argmax(dim=1, keepdim=True), 1)
-    members = assign.sum(dim=0)[:, None]
+def merge_in_samples(work: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, pool: torch.Tensor,
+                     beta: float, qwen: bool) -> torch.Tensor:
+    """DTM (OV:996-1008, QW:2050-2074) for S merges per sample at once, in each sample's own layout: the tokens of
+    work [B, N, C] that pool [B, S, N] marks for a merge join its target (positions targets [B, S, c], real where
+    `valid`) of highest cosine; each target becomes w * target + (1 - w) * mean(members), w = max(1 / (members +
+    1), beta). Returns [B * S, c, C]. A merge's member sum is a product over all N tokens with zero weight off its
+    pool (its members in token order, as in the per-merge product, though BLAS may round a product of another
+    length differently in the last bit); the OV and Qwen codes round the mean in different orders."""
+    batch, tokens, channels = work.shape
+    merges, width = targets.shape[1:]
+    unit = work / work.norm(dim=-1, keepdim=True)
+    index = targets.view(batch, merges * width, 1).expand(-1, -1, channels)
+    rows = work.gather(1, index)
+    similarity = (unit @ unit.gather(1, index).transpose(1, 2)).view(batch, tokens, merges, width)
+    similarity = similarity.masked_fill(~valid[:, None], -math.inf)
+    assign = torch.zeros_like(similarity).scatter_(3, similarity.argmax(dim=3, keepdim=True), 1)
+    assign = assign.masked_fill(~pool.transpose(1, 2)[..., None], 0).view(batch, tokens, merges * width)
+    members = assign.sum(dim=1)[..., None]
     weight = (1 / (members + 1)).clamp(min=beta)
-    return weight * targets + (1 - weight) * (assign.T @ pool) / members.clamp(min=1)
+    total = assign.transpose(1, 2) @ work
+    if qwen:
+        merged = weight * rows + (1 - weight) * (total / members.clamp(min=1))
+    else:
+        merged = weight * rows + (1 - weight) * total / members.clamp(min=1)
+    return merged.view(batch * merges, width, channels)
+
+
+def top_runs(scores: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """[sum(counts)] the indices of each row's counts[i] top `scores` [R, M], row after row (rows of one count
+    adjacent): one top-k per count, written in place, so no row's k is another's."""
+    out = torch.empty(sum(counts), dtype=torch.long, device=scores.device)
+    values = scores.new_empty(sum(counts))
+    row = at = 0
+    for count, group in itertools.groupby(counts):
+        size = len(list(group))
+        if count:
+            shape = (size, count)
+            torch.topk(scores[row : row + size], count, dim=-1,
+                       out=(values[at : at + size * count].view(shape), out[at : at + size * count].view(shape)))
+        row, at = row + size, at + size * count
+    return out
+
+
+def runs_of(values: list[int], counts: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] each host value repeated its count times (`counts` on the device, summing to `total`), on the
+    device without a read back."""
+    return torch.repeat_interleave(device_ints(values, counts.device), counts, output_size=total)
 
 
 def spread(total: int, sizes: list[int]) -> list[int]:
@@ -208,6 +268,28 @@ class FramePlan:
     salient: int
     context: int
     merge: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """One frame of the batch's plan: its sample, its first token among the sample's visual tokens, its size,
+    its row among the batch's frames of that size (the stacked saliences), and its counts."""
+
+    sample: int
+    start: int
+    tokens: int
+    row: int
+    plan: FramePlan
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One merge: a frame with context tokens and the window of its sample's tokens whose pool it merges (its
+    own frame, or its segment), as (first token, length)."""
+
+    frame: Frame
+    start: int
+    length: int
 
 
 class FastVID(PruningMethod):
@@ -343,82 +425,316 @@ class FastVID(PruningMethod):
 
     # ------------------------------------------------------------------------------ selection
     def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        return self.selections(ctx, [None if i != b else k for i in range(len(ctx.n_current))])[b]
+        """Sample b's kept tokens and rows (row b of the batched choice)."""
+        choice = self.select_batch(ctx, [k if i == b else None for i in range(len(ctx.n_current))])
+        count = choice.counts[b]
+        return Selection(choice.order[b, :count], choice.hidden[b, :count])
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
-        return pack(self.selections(ctx, budgets), ctx)
-
-    def selections(self, ctx: StageContext, budgets: list[int | None]) -> list[Selection | None]:
-        """Every sample's clips: signals and DySeg flags on the device, the flags read to the host ONCE for the
-        batch (segment sizes set the counts), then each sample's selection (`_select`)."""
+        """Every clip of the batch at once: signals and DySeg flags per clip shape, the flags read to the host ONCE
+        (segment sizes set the counts), then the salient top-k of all frames, the density peaks of all context
+        frames and the merges of all anchors, each as one padded batch; the jitter is drawn per sample on the host
+        as the per-sample code draws it and uploaded once."""
         official = ctx.protocol == "official"
-        ignore = QWEN_IGNORE if self.options.dyseg_ignore is None else self.options.dyseg_ignore
-        clips: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        qwen = official and ctx.family in QWEN_FAMILIES
+        work = ctx.visual_hidden() if official else ctx.visual_hidden().float()
+        batch, width, channels = work.shape
+        groups, clips = self.clip_groups(ctx, budgets)
+        salience, cuts = self.signals(ctx, work, groups, official)
+        frames, clip_frames, units, pieces = self.plan_batch(ctx, budgets, groups, clips, cuts, official)
+        counts = [n if k is None else sum(count for _, _, count in pieces[b])
+                  for b, (k, n) in enumerate(zip(budgets, ctx.n_current, strict=True))]
+        keep = max(counts, default=0)
+        if keep == 0:
+            return BatchSelection(work.new_zeros(batch, 0, dtype=torch.long), counts, width,
+                                  ctx.hidden.new_zeros(batch, 0, channels), [0] * batch)
+        device = work.device
+        salient, sal_order, sal_source, sal_runs = self.salient_tokens(salience, frames, width, batch, device)
+        if units:
+            merged, tgt_order, tgt_source, tgt_runs = self.merged_rows(ctx, work, salient, clip_frames, units, qwen)
+        else:
+            merged, tgt_order, tgt_source, tgt_runs = work.new_zeros(0, 0, channels), work.new_zeros(0), None, []
+        source = torch.cat([work.flatten(0, 1), merged.flatten(0, 1), work.new_zeros(1, channels)])
+        arange = torch.arange(width, device=device)
+        flat = torch.arange(batch * width, device=device).view(batch, width)
+        order_rows: list[list[torch.Tensor]] = []
+        source_rows: list[list[torch.Tensor]] = []
+        for b, k in enumerate(budgets):
+            if k is None:
+                order_rows.append([arange[: ctx.n_current[b]]])
+                source_rows.append([flat[b, : ctx.n_current[b]]])
+                continue
+            order_rows.append([])
+            source_rows.append([])
+            for kind, what, count in pieces[b]:
+                if kind == "salient":
+                    at = sal_runs[what.tokens][what.row]
+                    order_rows[b].append(sal_order[what.tokens][at : at + count])
+                    source_rows[b].append(sal_source[what.tokens][at : at + count])
+                else:
+                    at = tgt_runs[what]
+                    order_rows[b].append(tgt_order[at : at + count])
+                    source_rows[b].append(tgt_source[at : at + count])
+        order = assemble(order_rows, keep, width)
+        hidden = source[assemble(source_rows, keep, len(source) - 1)].to(ctx.hidden.dtype)
+        return BatchSelection(order, counts, width, hidden, [0] * batch)
+
+    def clip_groups(self, ctx: StageContext, budgets: list[int | None]
+                    ) -> tuple[dict[tuple[int, int], list[tuple[int, int, int]]], dict[int, list]]:
+        """The batch's clips by shape (frames, tokens per frame): per shape its (sample, first token, clip index)
+        places; per sample its clips as (shape, index in the shape's group, first token)."""
+        groups: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        clips: dict[int, list] = {}
         for b, k in enumerate(budgets):
             if k is None:
                 continue
-            current = ctx.hidden_states(b)
-            work = current if official else current.float()
-            vision = ctx.vision_inputs(b, -1) if ctx.family in QWEN_FAMILIES else None
-            grids = ctx.grids(b)
-            clips[b], offset, segment = [], 0, 0
-            for frames, tokens, _ in clips_of(grids, ctx.family):  # Qwen3-VL: a video's (1, h, w) segments joined
-                clip = work[offset : offset + frames * tokens].view(frames, tokens, -1)
-                features, salience = frame_signals(clip)
-                span = range(segment, segment + frames // grids[segment][0])  # the grids (encoder inputs) it spans
-                if vision is not None:
-                    dtype = vision[segment].hidden.dtype if official else torch.float32
-                    salience = torch.cat([self.encoder_salience(ctx, vision[s], grids[s][0], tokens, dtype)
-                                          for s in span]).to(clip.device)
-                flags = cut_flags(features, self.options.dyseg_c, self.tau(), ignore)
-                clips[b].append((clip, salience, flags))
-                offset += frames * tokens
-                segment = span.stop
-            if offset != len(current):
-                raise RuntimeError(f"sample {b}: its grids hold {offset} tokens but it has {len(current)} visual "
+            clips[b], end = [], 0
+            for c, (frames, tokens, offset) in enumerate(clips_of(ctx.grids(b), ctx.family)):
+                members = groups.setdefault((frames, tokens), [])
+                clips[b].append(((frames, tokens), len(members), offset))
+                members.append((b, offset, c))
+                end = offset + frames * tokens
+            if end != ctx.n_current[b]:
+                raise RuntimeError(f"sample {b}: its grids hold {end} tokens but it has {ctx.n_current[b]} visual "
                                    "tokens")
-        flags = [flag.flatten() for items in clips.values() for _, _, flag in items]
-        host = iter(torch.cat(flags).tolist() if any(len(f) for f in flags) else [])
-        selections: list[Selection | None] = []
-        for b, k in enumerate(budgets):
-            if k is None:
-                selections.append(None)
+        return groups, clips
+
+    def signals(self, ctx: StageContext, work: torch.Tensor, groups: dict, official: bool
+                ) -> tuple[dict[tuple[int, int], torch.Tensor], dict[tuple[tuple[int, int], int], list[bool]]]:
+        """Per clip shape the salience [G, F, P] of its clips, and per clip its host DySeg flags (cuts, then the
+        Qwen sub-segment marks), read in ONE transfer for the batch."""
+        ignore = QWEN_IGNORE if self.options.dyseg_ignore is None else self.options.dyseg_ignore
+        encoded = self.encoder_saliences(ctx, groups, official) if ctx.family in QWEN_FAMILIES else None
+        salience, flags = {}, []
+        for shape, places in groups.items():
+            frames, tokens = shape
+            clip = windows(work, [(b, offset) for b, offset, _ in places], frames * tokens)
+            features, salience[shape] = frame_signals(clip.view(len(places), frames, tokens, -1))
+            if encoded is not None:
+                salience[shape] = encoded[shape].to(work.device)
+            flags.append(cut_flags(features, self.options.dyseg_c, self.tau(), ignore).flatten())
+        host = torch.cat(flags).tolist() if any(f.numel() for f in flags) else []
+        cuts, at = {}, 0
+        for (frames, tokens), places in groups.items():
+            for i in range(len(places)):
+                cuts[(frames, tokens), i] = host[at : at + 2 * (frames - 1)]
+                at += 2 * (frames - 1)
+        return salience, cuts
+
+    def encoder_saliences(self, ctx: StageContext, groups: dict, official: bool) -> dict[tuple[int, int], torch.Tensor]:
+        """Per clip shape the Qwen salience [G, F, P] of its clips from the last vision block: the encoded segments
+        they span (one per video, or one per temporal patch on Qwen3-VL) packed into one row set, so the block's
+        queries and keys and the probe run once per shape."""
+        spans: dict[tuple[int, int], list] = {}  # (sample, clip) -> its encoded segments with their frame counts
+        for b in sorted({b for places in groups.values() for b, _, _ in places}):
+            vision, grids, segment = ctx.vision_inputs(b, -1), ctx.grids(b), 0
+            for c, (frames, _, _) in enumerate(clips_of(grids, ctx.family)):
+                span = range(segment, segment + frames // grids[segment][0])
+                spans[b, c] = [(vision[s], grids[s][0]) for s in span]
+                segment = span.stop
+        out = {}
+        for (frames, tokens), places in groups.items():
+            encoded = [item for b, _, c in places for item in spans[b, c]]
+            dtype = encoded[0][0].hidden.dtype if official else torch.float32
+            if len({(t, len(rows.hidden)) for rows, t in encoded}) > 1:  # segments of several shapes: one by one
+                out[frames, tokens] = torch.cat([self.encoder_salience(ctx, rows, t, tokens, dtype)
+                                                 for rows, t in encoded]).view(len(places), frames, tokens)
                 continue
-            cuts = [[next(host) for _ in range(flag.numel())] for _, _, flag in clips[b]]
-            selections.append(self._select(ctx, b, k, clips[b], cuts, official))
-        return selections
+            first, t = encoded[0]
+            count = len(encoded)
+            shift = torch.arange(count, device=first.token.device)[:, None] * (t * tokens)
+            packed = dataclasses.replace(
+                first, hidden=torch.cat([rows.hidden for rows, _ in encoded]),
+                cos=torch.cat([rows.cos for rows, _ in encoded]), sin=torch.cat([rows.sin for rows, _ in encoded]),
+                token=(torch.stack([rows.token for rows, _ in encoded]) + shift).flatten(), blocks=[])
+            salience = self.encoder_salience(ctx, packed, count * t, tokens, dtype)
+            out[frames, tokens] = salience.view(len(places), frames, tokens)
+        return out
 
     @staticmethod
     def encoder_salience(ctx: StageContext, rows: EncoderRows, frames: int, tokens: int, dtype: torch.dtype
                          ) -> torch.Tensor:
-        """[frames, tokens] the Qwen salience of one encoded segment, from the last vision block's input rows."""
+        """[frames, tokens] the Qwen salience of encoded rows (one segment, or several packed), from the last
+        vision block's input."""
         queries, keys = ctx.encoder_queries_keys(ctx.vision_layers[-1], rows)
         return vision_salience(queries, keys, rows.token, frames, tokens, dtype)
 
-    def _select(self, ctx: StageContext, b: int, k: int, clips: list, cuts: list[list[bool]], official: bool
-                ) -> Selection:
-        """Sample b's kept tokens and rows, clip by clip (positions into its current visual tokens); `cuts` holds
-        each clip's two host flag rows (DySeg cuts, then the Qwen sub-segment marks), flattened."""
-        generator = ctx.generator(b)
-        frame_budgets = spread(k, [len(clip) * clip.shape[1] for clip, _, _ in clips for _ in range(len(clip))])
-        orders, rows, offset, frame = [], [], 0, 0
-        for (clip, salience, _), flags in zip(clips, cuts, strict=True):
-            frames, tokens = clip.shape[:2]
-            segments = segment_sizes(flags[: frames - 1])
-            if official and ctx.family in QWEN_FAMILIES:
-                plans = self.qwen_plan(segments, flags[frames - 1 :], tokens, self.ratio)
-                order, merged = self.clip_qwen(clip, salience, segments, plans, generator)
-            else:
-                if official:
+    def plan_batch(self, ctx: StageContext, budgets: list[int | None], groups: dict, clips: dict, cuts: dict,
+                   official: bool) -> tuple[dict[int, list[Frame]], dict[int, list[list[Frame]]], list[Unit], dict]:
+        """The host plan of the batch: per frame size its frames in the row order of the stacked saliences, per
+        sample its clips' frames, the merge units (one per frame with context tokens, with its window of the
+        sample's tokens), and per sample its kept pieces in order: ('salient', frame, count) and ('target', unit,
+        count)."""
+        qwen = official and ctx.family in QWEN_FAMILIES
+        bases: dict[tuple[int, int], int] = {}
+        sizes: dict[int, int] = {}
+        for (length, tokens), places in groups.items():
+            bases[length, tokens] = sizes.get(tokens, 0)
+            sizes[tokens] = bases[length, tokens] + len(places) * length
+        frames: dict[int, list[Frame]] = {}
+        clip_frames: dict[int, list[list[Frame]]] = {}
+        units: list[Unit] = []
+        pieces: dict[int, list] = {}
+        for b, k in enumerate(budgets):
+            if k is None:
+                continue
+            shares = spread(k, [shape[0] * shape[1] for shape, _, _ in clips[b] for _ in range(shape[0])])
+            first, pieces[b], clip_frames[b] = 0, [], []
+            for (length, tokens), i, offset in clips[b]:
+                flags = cuts[(length, tokens), i]
+                segments = segment_sizes(flags[: length - 1])
+                if qwen:
+                    plans = self.qwen_plan(segments, flags[length - 1 :], tokens, self.ratio)
+                elif official:
                     plans = self.official_plan(segments, tokens, self.ratio)
                 else:
-                    plans = self.uniform_plan(segments, tokens, frame_budgets[frame : frame + frames])
-                order, merged = self.clip(clip, salience, segments, plans, generator)
-            orders.append(offset + order)
-            rows.append(merged)
-            offset += frames * tokens
-            frame += frames
-        return Selection(torch.cat(orders), torch.cat(rows).to(ctx.hidden.dtype))
+                    plans = self.uniform_plan(segments, tokens, shares[first : first + length])
+                first += length
+                row = bases[length, tokens] + i * length
+                clip = [Frame(b, offset + f * tokens, tokens, row + f, plan) for f, plan in enumerate(plans)]
+                frames.setdefault(tokens, []).extend(clip)
+                clip_frames[b].append(clip)
+                salient, targets, start = [], [], 0
+                for size in segments:
+                    segment = clip[start : start + size]
+                    segment_salient = [("salient", frame, frame.plan.salient) for frame in segment]
+                    segment_targets = []
+                    for frame in segment:
+                        if frame.plan.context:
+                            own = frame.plan.merge == "frame"
+                            window = (frame.start, tokens) if own else (offset + start * tokens, size * tokens)
+                            segment_targets.append(("target", len(units), frame.plan.context))
+                            units.append(Unit(frame, *window))
+                    if qwen:  # per segment: its salient tokens, then each context set (QW:2043-2089)
+                        pieces[b] += segment_salient + segment_targets
+                    else:  # the whole clip's salient tokens, then its context sets (OV:1063)
+                        salient += segment_salient
+                        targets += segment_targets
+                    start += size
+                pieces[b] += salient + targets
+        return {t: sorted(rows, key=lambda frame: frame.row) for t, rows in frames.items()}, clip_frames, units, pieces
+
+    def salient_tokens(self, salience: dict, frames: dict[int, list[Frame]], width: int, batch: int,
+                       device: torch.device) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor],
+                                                      dict[int, dict[int, int]]]:
+        """Every frame's salient top-k, one top-k per frame size and salient count (a top-k orders tied scores by
+        its k, so each frame keeps its own k), written back to back: the [B, width] mask of the salient tokens,
+        per size the kept positions (into each sample's tokens) and rows of the flattened [B * width] tokens of
+        all its frames in a row, and where each frame's run starts there."""
+        mask = torch.zeros(batch * width, dtype=torch.bool, device=device)
+        order, source, where = {}, {}, {}
+        for tokens, rows in frames.items():
+            scores = torch.cat([s.flatten(0, 1) for shape, s in salience.items() if shape[1] == tokens])
+            ranked = sorted(rows, key=lambda frame: frame.plan.salient)  # stable: row order within a count
+            if any(frame.row != i for i, frame in enumerate(ranked)):
+                scores = scores[device_ints([frame.row for frame in ranked], device)]
+            counts = [frame.plan.salient for frame in ranked]
+            top, where[tokens] = top_runs(scores, counts), {}
+            for frame, at in zip(ranked, itertools.accumulate([0, *counts]), strict=False):
+                where[tokens][frame.row] = at
+            repeats, total = device_ints(counts, device), sum(counts)
+            starts = runs_of([frame.start for frame in ranked], repeats, total)
+            bases = runs_of([frame.sample * width + frame.start for frame in ranked], repeats, total)
+            order[tokens], source[tokens] = starts + top, bases + top
+            mask.scatter_(0, source[tokens], True)
+        return mask.view(batch, width), order, source, where
+
+    def merged_rows(self, ctx: StageContext, work: torch.Tensor, salient: torch.Tensor,
+                    clip_frames: dict[int, list[list[Frame]]], units: list[Unit], qwen: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """Every merge unit at once: the [B * S, c, C] merged rows (S the most units of a sample), and for all
+        units' targets back to back their positions into the sample's tokens and their rows of
+        [B * width tokens, merged rows], with where each unit's run starts. Each unit's frame picks its density
+        peaks among its non-salient tokens (padded, per frame size and torch.cdist path; one top-k per context
+        count), then every unit merges its window's pool into them, in the samples' own layout."""
+        batch, width, channels = work.shape
+        device = work.device
+        sets: dict[tuple[int, bool], list[int]] = {}  # (frame size, cdist by products) -> units
+        for u, unit in enumerate(units):
+            candidates = unit.frame.tokens - unit.frame.plan.salient
+            sets.setdefault((unit.frame.tokens, candidates > CDIST_BY_PRODUCTS_ABOVE), []).append(u)
+        for members in sets.values():  # by context count (stable), so each count's top-k runs on a slice
+            members.sort(key=lambda u: units[u].frame.plan.context)
+        rank = [u for members in sets.values() for u in members]
+        ranked = [units[u] for u in rank]
+        noise = self.jitter(ctx, clip_frames, [unit.frame for unit in ranked], qwen, device)
+        flat = work.flatten(0, 1)
+        picks, at = [], 0
+        for (tokens, _), members in sets.items():
+            rows = [units[u].frame for u in members]
+            candidates = [tokens - frame.plan.salient for frame in rows]
+            breadth = max(candidates)
+            own = windows(salient, [(frame.sample, frame.start) for frame in rows], tokens)
+            rest = positions_of(~own, breadth)
+            bases = device_ints([frame.sample * width + frame.start for frame in rows], device)[:, None]
+            valid = torch.arange(breadth, device=device) < device_ints(candidates, device)[:, None]
+            scores = density_scores(flat[bases + rest], valid, noise[at : at + len(rows), :breadth], candidates)
+            counts = [frame.plan.context for frame in rows]
+            chosen = top_runs(scores, counts)
+            rows_of = runs_of([i * breadth for i in range(len(rows))], device_ints(counts, device), sum(counts))
+            picks.append(rest.flatten()[rows_of + chosen])
+            at += len(rows)
+        chosen = torch.cat(picks) if len(picks) > 1 else picks[0]  # frame positions, unit after unit
+        counts = [unit.frame.plan.context for unit in ranked]
+        repeats, total = device_ints(counts, device), sum(counts)
+        positions = runs_of([unit.frame.start for unit in ranked], repeats, total) + chosen
+        # merges, in the sample's own layout: slot j of sample b holds its j-th unit
+        per_sample = max(sum(unit.frame.sample == b for unit in ranked) for b in range(batch))
+        slots, taken = [], [0] * batch
+        for unit in ranked:
+            slots.append(unit.frame.sample * per_sample + taken[unit.frame.sample])
+            taken[unit.frame.sample] += 1
+        count, most = batch * per_sample, max(counts)
+        entry = torch.arange(len(chosen), device=device)
+        firsts = list(itertools.accumulate([0, *counts]))[:-1]
+        slot_of = runs_of([slot * most for slot in slots], repeats, total) + entry - runs_of(firsts, repeats, total)
+        targets = positions.new_zeros(count * most).scatter_(0, slot_of, positions).view(count, most)
+        at_slot: list[Unit | None] = [None] * count
+        for slot, unit in zip(slots, ranked, strict=True):
+            at_slot[slot] = unit
+
+        def per_slot(value: Callable[[Unit], int]) -> torch.Tensor:
+            return device_ints([0 if unit is None else value(unit) for unit in at_slot], device)
+
+        valid = torch.arange(most, device=device) < per_slot(lambda unit: unit.frame.plan.context)[:, None]
+        spans = torch.arange(width, device=device)
+        starts = per_slot(lambda unit: unit.start).view(batch, per_sample, 1)
+        ends = per_slot(lambda unit: unit.start + unit.length).view(batch, per_sample, 1)
+        pool = (spans >= starts) & (spans < ends) & ~salient[:, None, :]
+        if qwen:  # a context set's own targets are not its members (QW:2052-2053)
+            own = torch.zeros(count, width + 1, dtype=torch.bool, device=device)
+            own.scatter_(1, targets.masked_fill(~valid, width), True)
+            pool &= ~own[:, :width].view(batch, per_sample, width)
+        merged = merge_in_samples(work, targets.view(batch, per_sample, most), valid.view(batch, per_sample, most),
+                                  pool, self.options.dtm_beta, qwen)
+        runs = [0] * len(units)
+        for u, first in zip(rank, firsts, strict=True):
+            runs[u] = first
+        return merged, positions, batch * width + slot_of, runs
+
+    def jitter(self, ctx: StageContext, clip_frames: dict[int, list[list[Frame]]], frames: list[Frame], qwen: bool,
+               device: torch.device) -> torch.Tensor:
+        """[len(frames), M] the density jitter of `frames`, drawn on the host from each sample's generator in the
+        per-sample code's order (OV: one draw per clip over every frame's candidates, OV:979; Qwen: one per
+        context frame), padded with zeros and uploaded once."""
+        drawn: dict[tuple[int, int], torch.Tensor] = {}
+        with host_side():
+            for b, clips in clip_frames.items():
+                generator = ctx.generator(b)
+                for clip in clips:
+                    candidates = [frame.tokens - frame.plan.salient for frame in clip]
+                    if qwen:
+                        for frame, count in zip(clip, candidates, strict=True):
+                            if frame.plan.context:
+                                drawn[b, frame.start] = torch.rand(count, generator=generator) * DENSITY_NOISE
+                        continue
+                    draws = (torch.rand(sum(candidates), generator=generator) * DENSITY_NOISE).split(candidates)
+                    drawn.update(((b, frame.start), draw) for frame, draw in zip(clip, draws, strict=True))
+            table = torch.zeros(len(frames), max(frame.tokens - frame.plan.salient for frame in frames))
+            for row, frame in enumerate(frames):
+                draw = drawn[frame.sample, frame.start]
+                table[row, : len(draw)] = draw
+        return upload(table, device)
 
     def qwen_plan(self, sizes: list[int], ignore: list[bool], tokens: int, ratio: float) -> list[FramePlan]:
         """QW:1920-1989: per segment of L frames, L * int(P * ratio) tokens, context max(int(. * d), 1); in a
@@ -448,73 +764,3 @@ class FastVID(PruningMethod):
             start += length
         return plans
 
-    def clip_qwen(self, clip: torch.Tensor, salience: torch.Tensor, sizes: list[int], plans: list[FramePlan],
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """QW:1991-2089 for one clip [F, P, C]: per frame its salient tokens and density-peak context tokens
-        (jitter drawn frame by frame); per segment, each frame's context tokens absorb the segment's tokens that
-        are neither salient nor in that frame's context set (each set independently)."""
-        tokens = clip.shape[1]
-        order, rows, start = [], [], 0
-        for length in sizes:
-            flat = clip[start : start + length].reshape(length * tokens, -1)
-            salient_all, contexts = [], []
-            for f in range(length):
-                plan = plans[start + f]
-                salient = salience[start + f].topk(plan.salient).indices
-                if plan.context:
-                    rest = torch.ones(tokens, dtype=torch.bool, device=clip.device).index_fill_(0, salient, False)
-                    rest = positions_of(rest[None], tokens - plan.salient)[0]
-                    noise = (torch.rand(len(rest), generator=generator) * DENSITY_NOISE).to(clip.device)
-                    picks = density_scores(clip[start + f, rest], noise).topk(plan.context).indices
-                    contexts.append(f * tokens + rest[picks])
-                salient_all.append(f * tokens + salient)
-            salient_all = torch.cat(salient_all)
-            unit = flat / flat.norm(dim=-1, keepdim=True)
-            order.append(start * tokens + salient_all)
-            rows.append(flat[salient_all])
-            for targets in contexts:
-                outside = torch.ones(length * tokens, dtype=torch.bool, device=clip.device)
-                outside.index_fill_(0, torch.cat([salient_all, targets]), False)
-                pool = positions_of(outside[None], length * tokens - len(salient_all) - len(targets))[0]
-                similarity = unit[pool] @ unit[targets].T
-                assign = torch.zeros_like(similarity).scatter_(1, similarity.argmax(dim=1, keepdim=True), 1)
-                members = assign.sum(dim=0)[:, None]
-                weight = (1 / (members + 1)).clamp(min=self.options.dtm_beta)
-                merged = (assign.T @ flat[pool]) / members.clamp(min=1)
-                order.append(start * tokens + targets)
-                rows.append(weight * flat[targets] + (1 - weight) * merged)
-            start += length
-        return torch.cat(order), torch.cat(rows)
-
-    def clip(self, clip: torch.Tensor, salience: torch.Tensor, sizes: list[int], plans: list[FramePlan],
-             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One clip [F, P, C]: (kept positions within the clip, their rows), salient then context per frame."""
-        frames, tokens, _ = clip.shape
-        candidates = [tokens - plan.salient for plan in plans]
-        noise = torch.rand(sum(candidates), generator=generator) * DENSITY_NOISE  # one draw per clip (OV:979)
-        noise = noise.to(clip.device).split(candidates)
-        order, rows, pools, scores = [], [], [], []
-        for f, plan in enumerate(plans):
-            salient = salience[f].topk(plan.salient).indices
-            rest = torch.ones(tokens, dtype=torch.bool, device=clip.device).index_fill_(0, salient, False)
-            rest = positions_of(rest[None], candidates[f])[0]
-            order.append(f * tokens + salient)
-            rows.append(clip[f, salient])
-            pools.append((rest, clip[f, rest]))
-            scores.append(density_scores(clip[f, rest], noise[f]) if plan.context and candidates[f] else None)
-        start = 0
-        for length in sizes:
-            segment = range(start, start + length)
-            pool = torch.cat([pools[f][1] for f in segment])
-            for f in segment:
-                plan = plans[f]
-                if not plan.context:
-                    continue
-                picks = scores[f].topk(plan.context).indices
-                rest, candidates_f = pools[f]
-                targets = candidates_f[picks]
-                members = candidates_f if plan.merge == "frame" else pool
-                order.append(f * tokens + rest[picks])
-                rows.append(merge_into(members, targets, self.options.dtm_beta))
-            start += length
-        return torch.cat(order), torch.cat(rows)

@@ -118,7 +118,7 @@ from clse_exp.pruning.methods.base import (
 )
 from clse_exp.pruning.methods.vidcom2 import clips_of
 from clse_exp.pruning.methods.visionzip import per_token
-from clse_exp.pruning.ragged import assemble, device_ints, windows
+from clse_exp.pruning.ragged import alone_cdist, assemble, device_ints, windows
 from clse_exp.pruning.signals import StageContext
 from clse_exp.pruning.slots import gather_rows, positions_of
 
@@ -129,7 +129,6 @@ ATTENTION_CHUNK = 1 << 26  # most probabilities one step of the vision-block sig
 OFFICIAL_DEPTH = 28  # LLaVA-OneVision-Qwen2-7B
 OFFICIAL_LLM_LAYER = 18  # HOLITOM_k in every script (HT:scripts/eval_ov-7b_holitom.sh:2)
 DENSITY_NOISE = 1e-6  # tie-breaking jitter on the DPC density (HT:llava_arch.py:39-40)
-DIRECT_CDIST = 25  # torch.cdist computes distances pair by pair up to this many rows, through a matmul above
 
 
 # ---------------------------------------------------------------------------------------------- signals
@@ -241,19 +240,6 @@ def ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.argsort(dim=-1, descending=True, stable=True)[..., :k]
 
 
-def pair_distances(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """[U, n, n] float32 L2 distances / sqrt(C) within each unit of x [U, n, C] (its first sizes[u] rows real),
-    each unit computed the way torch.cdist computes it alone (pair by pair up to DIRECT_CDIST rows, else by a
-    matmul), so padding a unit does not move its distances."""
-    x = x.float()
-    dist = torch.cdist(x, x)
-    large = [int(size > DIRECT_CDIST) for size in sizes]
-    if x.shape[1] > DIRECT_CDIST and not all(large):
-        direct = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
-        dist = torch.where(device_ints(large, x.device).bool()[:, None, None], dist, direct)
-    return dist / x.shape[-1] ** 0.5
-
-
 def cluster(x: torch.Tensor, sizes: list[int], clusters: list[int], near: list[int], noise: torch.Tensor,
             beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cluster_dpc_knn then merge_tokens_by_clustering (HT:llava_arch.py:29-51, 100-150) on units x [U, n, C],
@@ -263,7 +249,7 @@ def cluster(x: torch.Tensor, sizes: list[int], clusters: list[int], near: list[i
     mean(members), the members summed in ascending order in float32. Padding takes no part in anything."""
     units, n, channels = x.shape
     device = x.device
-    dist = pair_distances(x, sizes)
+    dist = alone_cdist(x, sizes) / channels**0.5
     size, count, k = device_ints([*sizes, *clusters, *near], device).view(3, units, 1)
     widest, slots = max(near, default=1), max(clusters, default=1)
     steps = torch.arange(max(n, widest, slots, units), device=device)
