@@ -200,6 +200,14 @@ def validate_dataset(data: Any) -> None:
                                   "(or null for all)")
             for qtype in data.qtypes:
                 choose_one("dataset.qtypes entry", qtype, QTYPES)
+    if data.loader != "synthetic" and data.get("video_column"):
+        root = data.get("video_root")
+        if root is None:
+            raise ConfigError(f"dataset.video_root is null: dataset={data.name} reads its videos from local files "
+                              f"(<{data.video_column}>.mp4); set dataset.video_root=/path/to/the/unpacked/videos")
+        if not Path(root).expanduser().is_dir():
+            raise ConfigError(f"dataset.video_root={root!r} is not a directory: give the folder holding "
+                              f"dataset={data.name}'s unpacked videos")
     if data.get("path") and data.loader != "synthetic" and not Path(data.path).expanduser().exists():
         raise ConfigError(f"dataset.path={data.path!r} does not exist: give a local snapshot or parquet folder, "
                           "or null for the hub id")

@@ -122,7 +122,7 @@ def headline_metric(frame: pd.DataFrame) -> str:
     """The first scorer metric present: accuracy, pope_f1_score, exact_match, ... (falls back to agreement)."""
     preferred = ("accuracy", "pope_f1_score", "mme_total_score", "exact_match", "gpt_eval_score",
                  "ocrbench_accuracy", "average", "seed_image", "videomme_perception_score", "mvbench_accuracy",
-                 "agreement")
+                 "lvb_acc", "score", "agreement")
     return next((m for m in preferred if m in frame.columns), "n_samples")
 
 

@@ -142,6 +142,31 @@ def write_benchmark(name: str, root: Path) -> dict:
         for vid in ("a.mp4", "b.mp4"):
             write_mp4(root / "videos" / vid)
         return {"video_root": str(root / "videos")}
+    elif name == "egoschema_subset":  # answers are the option index 0-4; options carry their letters
+        rows = {"question_idx": ["q1", "q2", "q3"], "question": ["What is c doing overall?"] * 3,
+                "video_idx": ["e1", "e2", "gone"],
+                "option": [["A. cooks", "B. cleans", "C. reads", "D. paints", "E. sleeps"]] * 3,
+                "answer": ["0", "3", "4"]}
+        features = Features({**{k: s for k in rows if k != "option"}, "option": Sequence(s)})
+        _write(root, "Subset", "test", rows, features)
+        write_mp4(root / "videos" / "e1.mp4")
+        write_mp4(root / "videos" / "e2.MP4")  # lmms-eval's upper-case fallback
+        return {"video_root": str(root / "videos")}
+    elif name == "longvideobench_val_v":
+        rows = {"video_id": ["l1", "l2", "gone"], "id": ["l1_0", "l2_0", "gone_0"],
+                "video_path": ["l1.mp4", "l2.mp4", "gone.mp4"], "subtitle_path": ["l1_en.json"] * 3,
+                "correct_choice": [0, 2, 1], "question": ["What appears first?"] * 3,
+                "option0": ["a cat", "red", "x"], "option1": ["a dog", "green", "y"],
+                "option2": ["a bird", "blue", "z"], "option3": ["a fish", "N/A", "w"], "option4": ["N/A"] * 3,
+                "duration": [12.5, 50.0, 400.0],
+                "duration_group": [15, 60, 600], "question_category": ["S2E", "T3O", "E2O"],
+                "topic_category": ["NP-News-Programs"] * 3, "starting_timestamp_for_subtitles": [0.0] * 3}
+        ints, floats = ("correct_choice", "duration_group"), ("duration", "starting_timestamp_for_subtitles")
+        features = Features({k: Value("int64") if k in ints else Value("float64") if k in floats else s for k in rows})
+        _write(root, "default", "validation", rows, features, folder="data")
+        for vid in ("l1.mp4", "l2.mp4"):
+            write_mp4(root / "videos" / vid)
+        return {"video_root": str(root / "videos")}
     else:
         raise KeyError(name)
     return {}

@@ -77,6 +77,9 @@ def test_methods_own_their_layers_and_users_can_override(overrides, reference, l
     (["prune.kv_policy=drop"], ["prune.kv_policy='drop'", "ragged, crop"]),
     (["prune.temperature=0"], ["prune.temperature=0", "> 0"]),
     (["dataset=mme", "dataset.path=/no/such/mme"], ["dataset.path='/no/such/mme'", "does not exist"]),
+    (["dataset=videomme"], ["dataset.video_root is null", "dataset=videomme", "<videoID>.mp4"]),
+    (["dataset=egoschema_subset", "dataset.video_root=/no/such/videos"], ["dataset.video_root='/no/such/videos'",
+                                                                         "not a directory"]),
     (["model=qwen2vl", "model.path=/no/such/model"], ["/no/such/model", "hub id"]),
 ])
 def test_bad_values_fail_before_any_weights_load(overrides, fragments, monkeypatch):

@@ -11,7 +11,8 @@ import clse_exp
 from clse_exp.metrics import SCORERS, TASKS, score
 
 LMMS_EVAL_TASKS = {"pope", "mme", "gqa", "textvqa_val", "vizwiz_vqa_val", "scienceqa_img", "mmbench_en_dev",
-                   "mmbench_cn_dev", "ocrbench", "mmstar", "seedbench", "videomme", "mvbench"}
+                   "mmbench_cn_dev", "ocrbench", "mmstar", "seedbench", "videomme", "mvbench", "egoschema_subset",
+                   "longvideobench_val_v"}
 
 
 def test_tasks_are_the_sorted_registry_names():
@@ -54,6 +55,16 @@ def test_length_mismatch_and_empty_input_are_refused():
     ("seedbench", {"answer": "A", "data_type": "image"}, {"seed_image", "seed_all"}),
     ("videomme", {"answer": "A"}, {"videomme_perception_score"}),
     ("mvbench", {"candidates": ["yes", "no"], "answer": "yes"}, {"mvbench_accuracy"}),
+    ("egoschema_subset", {"option": [f"{x}. o" for x in "ABCDE"], "answer": "0"}, {"score"}),
+    ("longvideobench_val_v", {"correct_choice": 0, "duration_group": 15, "question_category": "S2E"}, {"lvb_acc"}),
 ])
 def test_metric_keys_are_lmms_evals(task, doc, keys):
     assert keys <= set(score(task, [doc], ["A"]))
+
+
+def test_the_full_egoschema_test_is_not_offered():
+    """Its answers are not public (lmms-eval@75571cfe0fa3:lmms_eval/tasks/egoschema/egoschema.yaml:10, a server
+    submission); only the 500-question subset is scored."""
+    assert "egoschema" not in TASKS
+    with pytest.raises(ValueError, match="task='egoschema'.*egoschema_subset"):
+        score("egoschema", [{"answer": None}], ["A"])

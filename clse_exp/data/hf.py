@@ -124,6 +124,8 @@ def _media(cfg: Any, row: dict, joined: dict | None) -> tuple[list[Image.Image],
     if cfg.get("video_column"):
         name = row[cfg.video_column]
         path = Path(cfg.video_root).expanduser() / (name if Path(name).suffix else f"{name}.mp4")
+        if not path.exists() and path.with_suffix(".MP4").exists():  # EgoSchema's fallback (its utils.py:34)
+            path = path.with_suffix(".MP4")
         if not path.exists():
             raise FileNotFoundError(f"video {path} not found")
         return [], sample_frames(path, cfg.num_frames)

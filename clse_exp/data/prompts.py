@@ -3,7 +3,8 @@
 Each builder maps one dataset row (a dict of HF columns, images removed) to the question text the
 model sees; the images or frames are attached by the loader. Quirks are kept on purpose: TextVQA and
 VizWiz use `str.capitalize()` (which lower-cases the rest of the question), MMBench-CN keeps the English
-options header, MMBench-EN and Video-MME get a double newline before the instruction.
+options header, MMBench-EN and Video-MME get a double newline before the instruction, LongVideoBench ends in a
+newline.
 """
 
 from __future__ import annotations
@@ -96,8 +97,25 @@ def mvbench(doc: dict) -> str:
     return "Question:" + doc["question"] + "\nOption:\n" + options + "Only give the best option.\n"
 
 
+def egoschema(doc: dict) -> str:
+    """EvolvingLMMs-Lab/lmms-eval@75571cfe0fa3:lmms_eval/tasks/egoschema/utils.py:42-58 (egoschema_doc_to_text):
+    the question, then each entry of `option` on its own line as given (the dataset's options carry their own
+    letters), then the post prompt; with `option` present that line always sets it (egoschema_subset.yaml:17)."""
+    return doc["question"] + "".join("\n" + option for option in doc.get("option", [])) + LETTER_ANSWER
+
+
+def longvideobench(doc: dict) -> str:
+    """lmms-eval@75571cfe0fa3:lmms_eval/tasks/longvideobench/utils.py:129-152 (no subtitles): `option0..4`
+    without the "N/A" ones, lettered A, B, ... by position, then the post prompt of longvideobench_val_v.yaml:27,
+    which has no leading newline and a trailing one."""
+    candidates = [doc.get(f"option{i}") for i in range(5)]
+    options = [". ".join((chr(65 + i), c)) for i, c in enumerate(c for c in candidates if c != "N/A")]
+    return doc["question"] + "\n" + "\n".join(options) + "\n" + LETTER_ANSWER.lstrip("\n") + "\n"
+
+
 PROMPTS: dict[str, Callable[[dict], str]] = {
     "pope": pope, "mme": mme, "gqa": gqa, "textvqa": textvqa, "textvqa_ocr": textvqa_ocr, "vizwiz": vizwiz,
     "scienceqa": scienceqa, "mmbench_en": mmbench_en, "mmbench_cn": mmbench_cn, "ocrbench": ocrbench,
-    "mmstar": mmstar, "seedbench": seedbench, "videomme": videomme, "mvbench": mvbench,
+    "mmstar": mmstar, "seedbench": seedbench, "videomme": videomme, "mvbench": mvbench, "egoschema": egoschema,
+    "longvideobench": longvideobench,
 }

@@ -26,7 +26,9 @@ from clse_exp.metrics.relative import relative_performance
 Scorer = Callable[[list[dict], list[str]], dict]
 
 SCORERS: dict[str, Scorer] = {
+    "egoschema_subset": video.egoschema_subset,  # the full `egoschema` test has no public answers: not offered
     "gqa": exact_match.exact_match,
+    "longvideobench_val_v": video.longvideobench,
     "mmbench_cn_dev": mmbench.mmbench,
     "mmbench_en_dev": mmbench.mmbench,
     "mmbench_en_dev_static": mmbench.mmbench_static,
@@ -54,7 +56,8 @@ TASKS: tuple[str, ...] = tuple(sorted(SCORERS))
 PER_SAMPLE_METRIC = {
     "synthetic": "accuracy", "gqa": "exact_match", "textvqa_val": "exact_match", "textvqa_val_ocr": "exact_match",
     "vizwiz_vqa_val": "exact_match", "scienceqa": "exact_match", "scienceqa_img": "exact_match",
-    "scienceqa_img_legacy": "exact_match", "seedbench": "seed_all",
+    "scienceqa_img_legacy": "exact_match", "seedbench": "seed_all", "egoschema_subset": "score",
+    "longvideobench_val_v": "lvb_acc",
 }
 
 __all__ = ["SCORERS", "TASKS", "relative_performance", "sample_score", "score"]
