@@ -98,6 +98,12 @@ class BatchSelection:
     hidden: torch.Tensor | None = None
     aux_flops: list[int] | None = None
 
+    def row(self, b: int) -> Selection:
+        """Sample b's choice as a Selection (its real entries, rows and aux FLOPs)."""
+        count = self.counts[b]
+        return Selection(self.order[b, :count], None if self.hidden is None else self.hidden[b, :count],
+                         0 if self.aux_flops is None else self.aux_flops[b])
+
 
 def top_k(scores: torch.Tensor, ctx: Any, budgets: list[int | None]) -> BatchSelection:
     """Each sample's `budgets[b]` highest `scores` among its current visual tokens (all of them where None), as
@@ -258,8 +264,15 @@ class PruningMethod:
         return scores[b, : ctx.n_current[b]]
 
     def select(self, ctx: Any, b: int, k: int) -> torch.Tensor | Selection:
-        """Positions (into sample b's current visual tokens) of the k tokens to keep, or a Selection."""
-        return self.scores(ctx, b).float().topk(k).indices
+        """Positions (into sample b's current visual tokens) of the k tokens to keep, or a Selection. A method
+        that selects for the whole batch (its own `select_batch`) answers with row b of it, every other sample
+        left uncut (for callers that ask per sample: recorders, tests)."""
+        if type(self).select_batch is PruningMethod.select_batch:
+            return self.scores(ctx, b).float().topk(k).indices
+        budgets = [k if i == b else None for i in range(len(ctx.n_current))]
+        keep = ctx.is_visual.sum(1)
+        keep[b] = k
+        return self.select_batch(dataclasses.replace(ctx, keep_counts=keep), budgets).row(b)
 
     def select_batch(self, ctx: Any, budgets: list[int | None]) -> BatchSelection:
         """Every sample's choice at once (`budgets[b]`: tokens to keep, None: no cut for sample b). Methods with

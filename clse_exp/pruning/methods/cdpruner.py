@@ -51,7 +51,6 @@ from clse_exp.pruning.methods.base import (
     ModelFacts,
     PruningMethod,
     Rules,
-    Selection,
 )
 from clse_exp.pruning.methods.divprune import pre_llm_rules
 from clse_exp.pruning.signals import StageContext
@@ -346,13 +345,6 @@ class CDPruner(PruningMethod):
                     "tokens): the official greedy DPP runs exactly k steps and its mask collapses the picks it "
                     "repeats once the kernel runs out of rank (no positive gain left); records give each sample's "
                     "retention (protocol=uniform fills the rest by relevance to keep exactly k)", kept, asked, n_visual)
-
-    def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        """Sample b's choice: its row of `select_batch` with only sample b cut (the other rows are dropped)."""
-        budgets: list[int | None] = [None] * ctx.hidden.shape[0]
-        budgets[b] = k
-        choice = self.select_batch(ctx, budgets)
-        return Selection(choice.order[b, : choice.counts[b]], aux_flops=choice.aux_flops[b])
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
         """Every sample at once: the questions tokenised on the host and uploaded once (with each segment's

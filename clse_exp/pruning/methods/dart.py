@@ -87,12 +87,8 @@ class DART(PruningMethod):
         return self.options.visual_pivots + self.options.text_pivots
 
     def select(self, ctx: StageContext, b: int, k: int) -> torch.Tensor:
-        """Sample b's k tokens, ascending: the batched rule with every other sample kept whole."""
-        keep = ctx.is_visual.sum(1)
-        keep[b] = k
-        budgets = [k if i == b else None for i in range(len(ctx.n_current))]
-        choice = self.select_batch(dataclasses.replace(ctx, keep_counts=keep), budgets)
-        return choice.order[b, : choice.counts[b]]
+        """Sample b's kept tokens as a set (row b of the batched choice; nothing is merged)."""
+        return super().select(ctx, b, k).order
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
         """Both protocols for the whole batch: key norms, pivot top-k and features at once, then the pivot loop

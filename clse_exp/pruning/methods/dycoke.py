@@ -85,7 +85,6 @@ from clse_exp.pruning.methods.base import (
     ModelFacts,
     PruningMethod,
     Rules,
-    Selection,
 )
 from clse_exp.pruning.methods.divprune import pre_llm_rules
 from clse_exp.pruning.methods.vidcom2 import clips_of
@@ -269,12 +268,6 @@ class DyCoke(PruningMethod):
         return set()
 
     # ------------------------------------------------------------------------------- stage 1: TTM
-    def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        """Sample b's TTM order: its row of `select_batch` with only sample b cut."""
-        budgets: list[int | None] = [None] * ctx.hidden.shape[0]
-        budgets[b] = k
-        choice = self.select_batch(ctx, budgets)
-        return Selection(choice.order[b, : choice.counts[b]])
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
         """Every clip of every cut sample at once: clips whose host plan matches (size, frame shape and per-frame

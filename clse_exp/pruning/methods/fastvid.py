@@ -110,7 +110,6 @@ from clse_exp.pruning.methods.base import (
     ModelFacts,
     PruningMethod,
     Rules,
-    Selection,
 )
 from clse_exp.pruning.methods.vidcom2 import clips_of
 from clse_exp.pruning.methods.visionzip import per_token
@@ -424,11 +423,6 @@ class FastVID(PruningMethod):
         return plans
 
     # ------------------------------------------------------------------------------ selection
-    def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        """Sample b's kept tokens and rows (row b of the batched choice)."""
-        choice = self.select_batch(ctx, [k if i == b else None for i in range(len(ctx.n_current))])
-        count = choice.counts[b]
-        return Selection(choice.order[b, :count], choice.hidden[b, :count])
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
         """Every clip of the batch at once: signals and DySeg flags per clip shape, the flags read to the host ONCE

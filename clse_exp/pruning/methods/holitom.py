@@ -114,7 +114,6 @@ from clse_exp.pruning.methods.base import (
     ModelFacts,
     PruningMethod,
     Rules,
-    Selection,
 )
 from clse_exp.pruning.methods.vidcom2 import clips_of
 from clse_exp.pruning.methods.visionzip import per_token
@@ -439,12 +438,6 @@ class HoliTom(PruningMethod):
                 f"steps, and {signal} stands in for the official SigLIP attention")
 
     # ------------------------------------------------------------------------------ selection
-    def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        """Sample b's choice alone (row b of the batched choice; the other samples keep their tokens)."""
-        choice = self.select_batch(ctx, [k if i == b else None for i in range(len(ctx.n_current))])
-        count = choice.counts[b]
-        rows = None if choice.hidden is None else choice.hidden[b, :count]
-        return Selection(choice.order[b, :count], rows)
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
         """The whole batch at once: the outer stage with one read of the device (every clip's static counts) and

@@ -60,7 +60,6 @@ from clse_exp.pruning.methods.base import (
     ModelFacts,
     PruningMethod,
     Rules,
-    Selection,
 )
 from clse_exp.pruning.signals import StageContext
 from clse_exp.pruning.slots import gather_rows, positions_of
@@ -288,13 +287,6 @@ class SparseVLM(PruningMethod):
         return super().capture_layers(layers) | {0}
 
     # ------------------------------------------------------------------------------ selection
-    def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        """Sample b's row of `select_batch` with only b cut (for callers that ask per sample)."""
-        budgets: list[int | None] = [None] * len(ctx.n_current)
-        budgets[b] = k
-        batch = self.select_batch(ctx, budgets)
-        count = batch.counts[b]
-        return Selection(batch.order[b, :count], None if batch.hidden is None else batch.hidden[b, :count])
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
         """Every sample at once: the raters' attention, the top-k, the recycled tokens and their DPC-kNN clusters

@@ -73,7 +73,6 @@ from clse_exp.pruning.methods.base import (
     ModelFacts,
     PruningMethod,
     Rules,
-    Selection,
 )
 from clse_exp.pruning.methods.divprune import pre_llm_rules
 from clse_exp.pruning.ragged import assemble, windows
@@ -256,11 +255,6 @@ class VidCom2(PruningMethod):
         valid = ctx.visual_valid
         rows = [[valid[b]] if k is None else [masks[plan][i] for plan, i in units[b]] for b, k in enumerate(budgets)]
         return assemble(rows, valid.shape[1], False)
-
-    def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        """One sample's kept tokens in original order (row b of the batched choice)."""
-        choice = self.select_batch(ctx, [k if i == b else None for i in range(len(ctx.n_current))])
-        return Selection(choice.order[b, : choice.counts[b]])
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
         """Every sample's mask on the device, the kept positions by one sort; the official counts are read back

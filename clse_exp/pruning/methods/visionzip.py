@@ -70,7 +70,6 @@ from clse_exp.pruning.methods.base import (
     ModelFacts,
     PruningMethod,
     Rules,
-    Selection,
 )
 from clse_exp.pruning.methods.divprune import pre_llm_rules
 from clse_exp.pruning.signals import StageContext
@@ -371,12 +370,6 @@ class VisionZip(PruningMethod):
         """CLIP: layer -2's input (its attention and keys) and layer -1's input (layer -2's output: the
         features). Qwen: the last block's input (the features are the LLM's input embeddings)."""
         return (-1,) if facts.family in QWEN_FAMILIES else (-2, -1)
-
-    def select(self, ctx: StageContext, b: int, k: int) -> Selection:
-        """Sample b alone (the batch's rule with every other sample left uncut)."""
-        chosen = self.select_batch(ctx, [k if i == b else None for i in range(len(ctx.n_current))])
-        count = chosen.counts[b]
-        return Selection(chosen.order[b, :count], None if chosen.hidden is None else chosen.hidden[b, :count])
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
         if ctx.family in QWEN_FAMILIES:

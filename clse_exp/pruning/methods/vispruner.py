@@ -143,9 +143,8 @@ class VisPruner(PruningMethod):
         return (-2, -1)
 
     def select(self, ctx: StageContext, b: int, k: int) -> torch.Tensor:
-        """Sample b alone (the batch's rule with every other sample left uncut)."""
-        chosen = self.select_batch(ctx, [k if i == b else None for i in range(len(ctx.n_current))])
-        return chosen.order[b, : chosen.counts[b]]
+        """Sample b's kept tokens as a set (row b of the batched choice; nothing is merged)."""
+        return super().select(ctx, b, k).order
 
     def select_batch(self, ctx: StageContext, budgets: list[int | None]) -> BatchSelection:
         """Every image of the batch at once, each keeping its own split of its sample's budget."""
