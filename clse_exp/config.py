@@ -200,6 +200,8 @@ def validate_dataset(data: Any) -> None:
                                   "(or null for all)")
             for qtype in data.qtypes:
                 choose_one("dataset.qtypes entry", qtype, QTYPES)
+    if data.loader != "synthetic" and data.get("video_column") and data.num_frames < 1:
+        raise ConfigError(f"dataset.num_frames={data.num_frames} must be >= 1 (frames sampled per video)")
     if data.loader != "synthetic" and data.get("video_column"):
         root = data.get("video_root")
         if root is None:

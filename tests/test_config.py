@@ -78,6 +78,7 @@ def test_methods_own_their_layers_and_users_can_override(overrides, reference, l
     (["prune.temperature=0"], ["prune.temperature=0", "> 0"]),
     (["dataset=mme", "dataset.path=/no/such/mme"], ["dataset.path='/no/such/mme'", "does not exist"]),
     (["dataset=videomme"], ["dataset.video_root is null", "dataset=videomme", "<videoID>.mp4"]),
+    (["dataset=mvbench", "dataset.num_frames=0"], ["dataset.num_frames=0", ">= 1"]),
     (["dataset=egoschema_subset", "dataset.video_root=/no/such/videos"], ["dataset.video_root='/no/such/videos'",
                                                                          "not a directory"]),
     (["model=qwen2vl", "model.path=/no/such/model"], ["/no/such/model", "hub id"]),
